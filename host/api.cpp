@@ -1,0 +1,211 @@
+// The C API: argument checks that need no backend, then dispatch. Every entry
+// point catches everything, so no exception crosses the C ABI.
+#include <gmtk/gmtk.h>
+
+#include <exception>
+#include <memory>
+#include <new>
+
+#include "backend.hpp"
+#include "plan.hpp"
+#include "status.hpp"
+#include "validate.hpp"
+
+namespace gmtk {
+namespace {
+
+template <typename Body>
+gmtkStatus_t guarded(Body&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return fail(GMTK_ERROR_OUT_OF_MEMORY, "a host allocation failed");
+  } catch (const std::exception& error) {
+    return fail(GMTK_ERROR_INTERNAL, "unexpected exception: %s", error.what());
+  } catch (...) {
+    return fail(GMTK_ERROR_INTERNAL, "unexpected exception");
+  }
+}
+
+gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepArgs_t* args, void* workspace,
+                           size_t workspace_bytes, gmtkStream_t stream) {
+  GMTK_REQUIRE(plan != nullptr, "plan is NULL");
+  Call call{};
+  GMTK_CHECK(validate_call_arguments(*plan, operation, args, workspace, workspace_bytes, stream, &call));
+  if (operation == Operation::step) GMTK_CHECK(check_step_buffers(*plan));
+  Backend& backend = *plan->handle->backend;
+  GMTK_CHECK(backend.check_call_buffers(*plan, call));
+  if (plan->owned_workspace != nullptr && workspace == nullptr) {
+    call.workspace = plan->owned_workspace;
+    call.workspace_bytes = plan->owned_workspace_bytes;
+  } else {
+    size_t required = 0;
+    GMTK_CHECK(backend.workspace_size(*plan, &required));
+    if (workspace_bytes < required) {
+      return fail(GMTK_ERROR_INSUFFICIENT_WORKSPACE,
+                  "workspace_bytes is %zu; this plan needs %zu (gmtkPlanGetWorkspaceSize)", workspace_bytes,
+                  required);
+    }
+  }
+  return backend.run(*plan, call);
+}
+
+}  // namespace
+}  // namespace gmtk
+
+using gmtk::fail;
+using gmtk::guarded;
+
+extern "C" {
+
+const char* gmtkGetErrorString(gmtkStatus_t status) {
+  switch (status) {
+    case GMTK_SUCCESS: return "success";
+    case GMTK_ERROR_INVALID_ARGUMENT: return "invalid argument";
+    case GMTK_ERROR_NOT_SUPPORTED: return "not supported";
+    case GMTK_ERROR_INSUFFICIENT_WORKSPACE: return "insufficient workspace";
+    case GMTK_ERROR_OUT_OF_MEMORY: return "out of memory";
+    case GMTK_ERROR_DEVICE_UNAVAILABLE: return "device unavailable";
+    case GMTK_ERROR_CUDA: return "CUDA error";
+    case GMTK_ERROR_INTERNAL: return "internal error";
+    case GMTK_NUM_STATUSES: break;
+  }
+  return "unknown status";
+}
+
+const char* gmtkGetLastErrorMessage(void) { return gmtk::last_error_message(); }
+
+gmtkStatus_t gmtkGetVersion(int* version) {
+  GMTK_REQUIRE(version != nullptr, "version is NULL");
+  *version = GMTK_VERSION;
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t gmtkHandleCreate(gmtkHandle_t* handle, const gmtkHandleConfig_t* config) {
+  return guarded([&]() -> gmtkStatus_t {
+    GMTK_REQUIRE(handle != nullptr, "handle is NULL");
+    GMTK_CHECK(gmtk::validate_handle_config(config));
+    auto created = std::make_unique<gmtkHandle>();
+    if (config->backend == GMTK_BACKEND_CPU_REFERENCE) {
+      GMTK_CHECK(gmtk::make_cpu_reference_backend(&created->backend));
+    } else {
+      GMTK_CHECK(gmtk::make_cuda_backend(config->device, &created->backend));
+    }
+    *handle = created.release();
+    return GMTK_SUCCESS;
+  });
+}
+
+gmtkStatus_t gmtkHandleDestroy(gmtkHandle_t handle) {
+  return guarded([&]() -> gmtkStatus_t {
+    delete handle;
+    return GMTK_SUCCESS;
+  });
+}
+
+gmtkStatus_t gmtkHandleGetBackend(gmtkHandle_t handle, gmtkBackend_t* backend) {
+  GMTK_REQUIRE(handle != nullptr, "handle is NULL");
+  GMTK_REQUIRE(backend != nullptr, "backend is NULL");
+  *backend = handle->backend->kind();
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t gmtkGroupConfigInit(gmtkGroupConfig_t* config, gmtkOptimizer_t optimizer) {
+  GMTK_REQUIRE(config != nullptr, "config is NULL");
+  GMTK_REQUIRE(optimizer == GMTK_OPTIMIZER_ADAMW || optimizer == GMTK_OPTIMIZER_ADAM ||
+                   optimizer == GMTK_OPTIMIZER_SGD,
+               "optimizer is %d; not a gmtkOptimizer_t", static_cast<int>(optimizer));
+  gmtkGroupConfig_t defaults{};
+  defaults.struct_size = sizeof(gmtkGroupConfig_t);
+  defaults.optimizer = optimizer;
+  defaults.lr = 1e-3;
+  defaults.lr_device = nullptr;
+  defaults.weight_decay = optimizer == GMTK_OPTIMIZER_ADAMW ? 1e-2 : 0.0;
+  defaults.maximize = 0;
+  defaults.beta1 = 0.9;
+  defaults.beta2 = 0.999;
+  defaults.eps = 1e-8;
+  defaults.amsgrad = 0;
+  defaults.momentum = 0.0;
+  defaults.dampening = 0.0;
+  defaults.nesterov = 0;
+  defaults.mask_ratio = 0.0;
+  defaults.scope = GMTK_SCOPE_PER_TENSOR;
+  defaults.mask_mode = GMTK_MASK_GRAD;
+  *config = defaults;
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t gmtkPlanCreate(gmtkHandle_t handle, const gmtkPlanConfig_t* config, gmtkPlan_t* plan) {
+  return guarded([&]() -> gmtkStatus_t {
+    GMTK_REQUIRE(handle != nullptr, "handle is NULL");
+    GMTK_REQUIRE(plan != nullptr, "plan is NULL");
+    auto created = std::make_unique<gmtkPlan>();
+    created->handle = handle;
+    GMTK_CHECK(gmtk::build_plan(config, created.get()));
+    gmtk::Backend& backend = *handle->backend;
+    GMTK_CHECK(backend.check_plan_buffers(*created));
+    if (config->flags & GMTK_PLAN_ALLOCATE_WORKSPACE) {
+      size_t bytes = 0;
+      GMTK_CHECK(backend.workspace_size(*created, &bytes));
+      if (bytes > 0) GMTK_CHECK(backend.allocate_workspace(bytes, &created->owned_workspace));
+      created->owned_workspace_bytes = bytes;
+    }
+    *plan = created.release();
+    return GMTK_SUCCESS;
+  });
+}
+
+gmtkStatus_t gmtkPlanDestroy(gmtkPlan_t plan) {
+  return guarded([&]() -> gmtkStatus_t {
+    delete plan;
+    return GMTK_SUCCESS;
+  });
+}
+
+gmtkStatus_t gmtkPlanGetWorkspaceSize(gmtkPlan_t plan, size_t* workspace_bytes) {
+  return guarded([&]() -> gmtkStatus_t {
+    GMTK_REQUIRE(plan != nullptr, "plan is NULL");
+    GMTK_REQUIRE(workspace_bytes != nullptr, "workspace_bytes is NULL");
+    if (plan->owned_workspace != nullptr) {
+      *workspace_bytes = 0;
+      return GMTK_SUCCESS;
+    }
+    size_t bytes = 0;
+    GMTK_CHECK(plan->handle->backend->workspace_size(*plan, &bytes));
+    *workspace_bytes = bytes;
+    return GMTK_SUCCESS;
+  });
+}
+
+gmtkStatus_t gmtkPlanSetGroupHyperparams(gmtkPlan_t plan, int32_t group, const gmtkGroupConfig_t* config) {
+  return guarded([&]() -> gmtkStatus_t {
+    GMTK_REQUIRE(plan != nullptr, "plan is NULL");
+    GMTK_CHECK(gmtk::validate_group_change(*plan, group, config));
+    plan->groups[group] = *config;
+    return GMTK_SUCCESS;
+  });
+}
+
+gmtkStatus_t gmtkStep(gmtkPlan_t plan, const gmtkStepArgs_t* args, void* workspace, size_t workspace_bytes,
+                      gmtkStream_t stream) {
+  return guarded([&] {
+    return gmtk::run_operation(plan, gmtk::Operation::step, args, workspace, workspace_bytes, stream);
+  });
+}
+
+gmtkStatus_t gmtkSelectThresholds(gmtkPlan_t plan, const gmtkStepArgs_t* args, void* workspace,
+                                  size_t workspace_bytes, gmtkStream_t stream) {
+  return guarded([&] {
+    return gmtk::run_operation(plan, gmtk::Operation::select_thresholds, args, workspace, workspace_bytes, stream);
+  });
+}
+
+gmtkStatus_t gmtkMaskGradients(gmtkPlan_t plan, const gmtkStepArgs_t* args, void* workspace, size_t workspace_bytes,
+                               gmtkStream_t stream) {
+  return guarded([&] {
+    return gmtk::run_operation(plan, gmtk::Operation::mask_gradients, args, workspace, workspace_bytes, stream);
+  });
+}
+
+}  // extern "C"

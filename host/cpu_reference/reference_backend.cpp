@@ -1,0 +1,210 @@
+// The CPU reference backend: the oracle for the CUDA kernels' tests, and a way
+// to run without a GPU. Written for clarity: one pass for the non-finite check,
+// a few radix-select passes per threshold, one pass for the update. Synchronous;
+// the stream argument is ignored.
+#include <cmath>
+#include <new>
+#include <vector>
+
+#include "../backend.hpp"
+#include "../plan.hpp"
+#include "../status.hpp"
+#include "../workspace.hpp"
+#include "dtypes.hpp"
+#include "optimizer_math.hpp"
+#include "selection.hpp"
+
+namespace gmtk::reference {
+namespace {
+
+struct WorkspaceOffsets {
+  size_t histogram;
+  size_t rules;
+  size_t kept_counts;
+  size_t required_bytes;
+};
+
+WorkspaceOffsets workspace_offsets(const Plan& plan) {
+  WorkspaceLayout layout;
+  WorkspaceOffsets offsets{};
+  offsets.histogram = layout.reserve(kHistogramBins * sizeof(uint64_t));
+  offsets.rules = layout.reserve(plan.tensors.size() * sizeof(KeepRule));
+  offsets.kept_counts = layout.reserve(plan.tensors.size() * sizeof(uint64_t));
+  offsets.required_bytes = layout.required_bytes();
+  return offsets;
+}
+
+GradientSpan span_of(const gmtkTensor_t& tensor) {
+  return GradientSpan{tensor.grad_dtype, tensor.grad, static_cast<uint64_t>(tensor.numel)};
+}
+
+template <typename GradT>
+float unscaled(GradT stored, const float* inv_loss_scale) {
+  const float grad = to_float(stored);
+  return inv_loss_scale != nullptr ? grad * *inv_loss_scale : grad;
+}
+
+bool has_non_finite_gradient(const gmtkTensor_t& tensor, const float* inv_loss_scale) {
+  return with_storage_type(tensor.grad_dtype, [&](auto type) {
+    using GradT = decltype(type);
+    const auto* grad = static_cast<const GradT*>(tensor.grad);
+    for (int64_t i = 0; i < tensor.numel; ++i) {
+      if (!std::isfinite(unscaled(grad[i], inv_loss_scale))) return true;
+    }
+    return false;
+  });
+}
+
+// One rule per tensor: its own (per-tensor scope) or its group's (global scope).
+void select_rules(const Plan& plan, uint64_t* histogram, KeepRule* rules) {
+  for (size_t g = 0; g < plan.groups.size(); ++g) {
+    const std::vector<int64_t>& members = plan.tensors_of_group[g];
+    const double mask_ratio = plan.groups[g].mask_ratio;
+    if (plan.groups[g].scope == GMTK_SCOPE_GLOBAL) {
+      if (members.empty()) continue;
+      std::vector<GradientSpan> spans;
+      spans.reserve(members.size());
+      for (int64_t t : members) spans.push_back(span_of(plan.tensors[t]));
+      const KeepRule rule = select_keep_rule(spans.data(), spans.size(), mask_ratio, histogram);
+      for (int64_t t : members) rules[t] = rule;
+    } else {
+      for (int64_t t : members) {
+        const GradientSpan span = span_of(plan.tensors[t]);
+        rules[t] = select_keep_rule(&span, 1, mask_ratio, histogram);
+      }
+    }
+  }
+}
+
+void zero_masked_gradients(const gmtkTensor_t& tensor, KeepRule rule) {
+  with_storage_type(tensor.grad_dtype, [&](auto type) {
+    using GradT = decltype(type);
+    auto* grad = static_cast<GradT*>(tensor.grad);
+    for (int64_t i = 0; i < tensor.numel; ++i) {
+      if (!is_kept(magnitude_key(grad[i]), rule)) grad[i] = from_float<GradT>(0.0f);
+    }
+  });
+}
+
+// Walks one tensor: decides each entry (kept, masked to a zero gradient, or
+// frozen), loads the fp32 parameter (master if present), lets `update_entry`
+// change it with the optimizer's state, and stores master and parameter.
+template <typename GradT, typename ParamT, typename EntryUpdate>
+void update_tensor(const gmtkTensor_t& tensor, KeepRule rule, bool freeze, const float* inv_loss_scale,
+                   EntryUpdate&& update_entry) {
+  const auto* grad = static_cast<const GradT*>(tensor.grad);
+  auto* param = static_cast<ParamT*>(tensor.param);
+  float* master = tensor.master_param;
+  for (int64_t i = 0; i < tensor.numel; ++i) {
+    const bool kept = is_kept(magnitude_key(grad[i]), rule);
+    if (!kept && freeze) continue;
+    const float g = kept ? unscaled(grad[i], inv_loss_scale) : 0.0f;
+    float p = master != nullptr ? master[i] : to_float(param[i]);
+    update_entry(i, g, p);
+    if (master != nullptr) master[i] = p;
+    param[i] = from_float<ParamT>(p);
+  }
+}
+
+template <typename EntryUpdate>
+void update_tensor_any_dtype(const gmtkTensor_t& tensor, KeepRule rule, bool freeze, const float* inv_loss_scale,
+                             EntryUpdate&& update_entry) {
+  with_storage_type(tensor.grad_dtype, [&](auto grad_type) {
+    with_storage_type(tensor.param_dtype, [&](auto param_type) {
+      update_tensor<decltype(grad_type), decltype(param_type)>(tensor, rule, freeze, inv_loss_scale, update_entry);
+    });
+  });
+}
+
+void apply_optimizer(const gmtkTensor_t& tensor, const gmtkGroupConfig_t& group, KeepRule rule, int64_t step,
+                     const float* inv_loss_scale) {
+  const double lr = group.lr_device != nullptr ? static_cast<double>(*group.lr_device) : group.lr;
+  const bool freeze = group.mask_mode == GMTK_MASK_FREEZE;
+  if (group.optimizer == GMTK_OPTIMIZER_SGD) {
+    const SgdCoefficients c = sgd_coefficients(group, lr, step);
+    float* momentum_buffer = tensor.exp_avg;
+    update_tensor_any_dtype(tensor, rule, freeze, inv_loss_scale, [&](int64_t i, float g, float& p) {
+      sgd_update_entry(g, p, c.has_momentum ? &momentum_buffer[i] : nullptr, c);
+    });
+  } else {
+    const AdamCoefficients c = adam_coefficients(group, lr, step);
+    float* max_exp_avg_sq = group.amsgrad ? tensor.max_exp_avg_sq : nullptr;
+    update_tensor_any_dtype(tensor, rule, freeze, inv_loss_scale, [&](int64_t i, float g, float& p) {
+      adam_update_entry(g, p, tensor.exp_avg[i], tensor.exp_avg_sq[i],
+                        max_exp_avg_sq != nullptr ? &max_exp_avg_sq[i] : nullptr, c);
+    });
+  }
+}
+
+class ReferenceBackend final : public Backend {
+ public:
+  gmtkBackend_t kind() const override { return GMTK_BACKEND_CPU_REFERENCE; }
+
+  // Host memory cannot be told from a wild pointer without touching it; the
+  // contract (docs/api.md) is that the CPU reference backend takes host memory.
+  gmtkStatus_t check_plan_buffers(const Plan&) override { return GMTK_SUCCESS; }
+  gmtkStatus_t check_call_buffers(const Plan&, const Call&) override { return GMTK_SUCCESS; }
+
+  gmtkStatus_t workspace_size(const Plan& plan, size_t* bytes) override {
+    *bytes = workspace_offsets(plan).required_bytes;
+    return GMTK_SUCCESS;
+  }
+
+  gmtkStatus_t allocate_workspace(size_t bytes, void** workspace) override {
+    *workspace = ::operator new(bytes, std::nothrow);
+    if (*workspace == nullptr) return fail(GMTK_ERROR_OUT_OF_MEMORY, "allocating %zu bytes of workspace failed", bytes);
+    return GMTK_SUCCESS;
+  }
+
+  void free_workspace(void* workspace) override { ::operator delete(workspace); }
+
+  gmtkStatus_t run(const Plan& plan, const Call& call) override {
+    const gmtkStepArgs_t& args = call.args;
+    const WorkspaceOffsets offsets = workspace_offsets(plan);
+    unsigned char* base = WorkspaceLayout::aligned_base(call.workspace);
+    auto* histogram = reinterpret_cast<uint64_t*>(base + offsets.histogram);
+    auto* rules = reinterpret_cast<KeepRule*>(base + offsets.rules);
+
+    bool found_inf = false;
+    for (const gmtkTensor_t& tensor : plan.tensors) {
+      if (has_non_finite_gradient(tensor, args.inv_loss_scale)) {
+        found_inf = true;
+        break;
+      }
+    }
+    select_rules(plan, histogram, rules);
+
+    for (size_t t = 0; t < plan.tensors.size(); ++t) {
+      const gmtkTensor_t& tensor = plan.tensors[t];
+      if (args.thresholds != nullptr) args.thresholds[t] = threshold_value(tensor.grad_dtype, rules[t]);
+      if (args.kept_counts != nullptr) args.kept_counts[t] = static_cast<int64_t>(count_kept(span_of(tensor), rules[t]));
+    }
+    if (args.found_inf != nullptr) *args.found_inf = found_inf ? 1.0f : 0.0f;
+    if (call.operation == Operation::select_thresholds || found_inf) return GMTK_SUCCESS;
+
+    if (call.operation == Operation::mask_gradients) {
+      for (size_t t = 0; t < plan.tensors.size(); ++t) zero_masked_gradients(plan.tensors[t], rules[t]);
+      return GMTK_SUCCESS;
+    }
+
+    const int64_t step = args.step_count != nullptr ? *args.step_count + 1 : args.step;
+    for (size_t t = 0; t < plan.tensors.size(); ++t) {
+      const gmtkTensor_t& tensor = plan.tensors[t];
+      apply_optimizer(tensor, plan.groups[tensor.group], rules[t], step, args.inv_loss_scale);
+    }
+    if (args.step_count != nullptr) *args.step_count = step;
+    return GMTK_SUCCESS;
+  }
+};
+
+}  // namespace
+}  // namespace gmtk::reference
+
+namespace gmtk {
+
+gmtkStatus_t make_cpu_reference_backend(std::unique_ptr<Backend>* backend) {
+  *backend = std::make_unique<reference::ReferenceBackend>();
+  return GMTK_SUCCESS;
+}
+
+}  // namespace gmtk

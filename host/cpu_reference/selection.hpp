@@ -1,0 +1,43 @@
+// Exact threshold selection on the CPU: MSB-first radix select over the
+// magnitude keys, 8 bits a pass, reading the gradients in place (no copy, no
+// sort): O(passes * n) time and a 256-bin histogram of memory.
+#pragma once
+
+#include <gmtk/gmtk.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace gmtk::reference {
+
+// Gradients of one tensor, as stored.
+struct GradientSpan {
+  gmtkDtype_t dtype;
+  const void* data;
+  uint64_t numel;
+};
+
+// Which entries of a set are kept: those with magnitude_key >= min_kept_key.
+struct KeepRule {
+  uint32_t min_kept_key;
+};
+constexpr KeepRule kKeepAll{0u};
+constexpr KeepRule kKeepNone{0xFFFFFFFFu};  // above every 31-bit key
+
+inline bool is_kept(uint32_t key, KeepRule rule) { return key >= rule.min_kept_key; }
+
+constexpr size_t kHistogramBins = 256;
+
+// The rule for a set of spans of one dtype (one tensor, or every tensor of a
+// global-scope group): keeps the entries with |g| >= T, T the k-th largest |g|
+// with k = n - floor(mask_ratio * n). k = n keeps all without selection work;
+// k = 0 keeps none. `histogram` is scratch of kHistogramBins counters.
+KeepRule select_keep_rule(const GradientSpan* spans, size_t span_count, double mask_ratio, uint64_t* histogram);
+
+// Entries of `span` the rule keeps.
+uint64_t count_kept(const GradientSpan& span, KeepRule rule);
+
+// T as a float: the k-th largest |g|; 0 when everything is kept, +inf when nothing is.
+float threshold_value(gmtkDtype_t dtype, KeepRule rule);
+
+}  // namespace gmtk::reference

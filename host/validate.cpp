@@ -1,0 +1,391 @@
+#include "validate.hpp"
+
+#include <algorithm>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+
+#include "status.hpp"
+
+namespace gmtk {
+namespace {
+
+bool is_valid_dtype(gmtkDtype_t dtype) {
+  return dtype == GMTK_FLOAT32 || dtype == GMTK_FLOAT16 || dtype == GMTK_BFLOAT16;
+}
+
+const char* dtype_name(gmtkDtype_t dtype) {
+  switch (dtype) {
+    case GMTK_FLOAT32: return "float32";
+    case GMTK_FLOAT16: return "float16";
+    case GMTK_BFLOAT16: return "bfloat16";
+  }
+  return "invalid";
+}
+
+const char* scope_name(gmtkScope_t scope) { return scope == GMTK_SCOPE_GLOBAL ? "global" : "per-tensor"; }
+
+bool is_adam(gmtkOptimizer_t optimizer) {
+  return optimizer == GMTK_OPTIMIZER_ADAMW || optimizer == GMTK_OPTIMIZER_ADAM;
+}
+
+bool is_aligned(const void* pointer, size_t alignment) {
+  return reinterpret_cast<uintptr_t>(pointer) % alignment == 0;
+}
+
+// "tensors[3].grad" or "groups[1].lr_device" or "args->thresholds".
+struct BufferName {
+  char text[64];
+};
+
+BufferName name_of(const BufferRange& range) {
+  BufferName name;
+  switch (range.owner) {
+    case BufferRange::Owner::tensor:
+      std::snprintf(name.text, sizeof(name.text), "tensors[%" PRId64 "].%s", range.index, range.field);
+      break;
+    case BufferRange::Owner::group:
+      std::snprintf(name.text, sizeof(name.text), "groups[%" PRId64 "].%s", range.index, range.field);
+      break;
+    case BufferRange::Owner::call:
+      std::snprintf(name.text, sizeof(name.text), "%s", range.field);
+      break;
+  }
+  return name;
+}
+
+using Owner = BufferRange::Owner;
+
+// Checks pointer and alignment of one buffer and appends its range. A buffer of
+// zero bytes may be anything, NULL included, and is not recorded.
+gmtkStatus_t add_buffer(const void* pointer, uint64_t bytes, size_t alignment, Owner owner, int64_t index,
+                        const char* field, std::vector<BufferRange>* ranges) {
+  if (bytes == 0) return GMTK_SUCCESS;
+  BufferRange range{reinterpret_cast<uintptr_t>(pointer), 0, owner, index, field};
+  GMTK_REQUIRE(pointer != nullptr, "%s is NULL", name_of(range).text);
+  GMTK_REQUIRE(is_aligned(pointer, alignment), "%s (%p) is not aligned to %zu bytes", name_of(range).text, pointer,
+               alignment);
+  GMTK_REQUIRE(range.begin <= std::numeric_limits<uintptr_t>::max() - bytes,
+               "%s (%p) plus its %" PRIu64 " bytes wraps around the address space", name_of(range).text, pointer,
+               bytes);
+  range.end = range.begin + bytes;
+  ranges->push_back(range);
+  return GMTK_SUCCESS;
+}
+
+// The range of `sorted` (sorted by begin, pairwise disjoint) that overlaps
+// [begin, end), or nullptr.
+const BufferRange* find_overlap(const std::vector<BufferRange>& sorted, const BufferRange& range) {
+  auto after = std::lower_bound(sorted.begin(), sorted.end(), range.end,
+                                [](const BufferRange& r, uintptr_t end) { return r.begin < end; });
+  if (after == sorted.begin()) return nullptr;
+  const BufferRange& candidate = *(after - 1);  // the last one starting before range.end
+  return candidate.end > range.begin ? &candidate : nullptr;
+}
+
+// Sorts `ranges` by address and fails if any two overlap.
+gmtkStatus_t sort_and_check_disjoint(std::vector<BufferRange>* ranges) {
+  std::sort(ranges->begin(), ranges->end(),
+            [](const BufferRange& a, const BufferRange& b) { return a.begin < b.begin; });
+  for (size_t i = 1; i < ranges->size(); ++i) {
+    const BufferRange& previous = (*ranges)[i - 1];
+    const BufferRange& current = (*ranges)[i];
+    GMTK_REQUIRE(current.begin >= previous.end, "%s overlaps %s; buffers must not overlap",
+                 name_of(current).text, name_of(previous).text);
+  }
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t check_against(const std::vector<BufferRange>& sorted, const BufferRange& range) {
+  const BufferRange* other = find_overlap(sorted, range);
+  GMTK_REQUIRE(other == nullptr, "%s overlaps %s; buffers must not overlap", name_of(range).text,
+               other ? name_of(*other).text : "");
+  return GMTK_SUCCESS;
+}
+
+// Group scalars (lr_device) are read-only and may be shared between groups, but
+// must not alias a buffer that a call writes. Aligned 4-byte scalars are either
+// identical or disjoint, so the sorted list still works with find_overlap.
+gmtkStatus_t collect_group_scalars(const std::vector<gmtkGroupConfig_t>& groups, std::vector<BufferRange>* ranges) {
+  for (size_t g = 0; g < groups.size(); ++g) {
+    if (groups[g].lr_device == nullptr) continue;
+    GMTK_CHECK(add_buffer(groups[g].lr_device, sizeof(float), alignof(float), Owner::group, static_cast<int64_t>(g),
+                          "lr_device", ranges));
+  }
+  std::sort(ranges->begin(), ranges->end(),
+            [](const BufferRange& a, const BufferRange& b) { return a.begin < b.begin; });
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t validate_tensor(const gmtkTensor_t& tensor, int64_t index, int32_t num_groups,
+                             std::vector<BufferRange>* ranges) {
+  GMTK_REQUIRE(tensor.group >= 0 && tensor.group < num_groups,
+               "tensors[%" PRId64 "].group is %d; the plan has %d groups", index, tensor.group, num_groups);
+  GMTK_REQUIRE(tensor.numel >= 0, "tensors[%" PRId64 "].numel is %" PRId64 "; it must be >= 0", index,
+               tensor.numel);
+  GMTK_REQUIRE(tensor.numel <= std::numeric_limits<int64_t>::max() / 8,
+               "tensors[%" PRId64 "].numel is %" PRId64 "; its buffers would not fit in memory", index, tensor.numel);
+  GMTK_REQUIRE(is_valid_dtype(tensor.grad_dtype), "tensors[%" PRId64 "].grad_dtype is %d; not a gmtkDtype_t", index,
+               static_cast<int>(tensor.grad_dtype));
+  GMTK_REQUIRE(is_valid_dtype(tensor.param_dtype), "tensors[%" PRId64 "].param_dtype is %d; not a gmtkDtype_t",
+               index, static_cast<int>(tensor.param_dtype));
+  if (tensor.master_param != nullptr) {
+    GMTK_REQUIRE(tensor.param_dtype != GMTK_FLOAT32,
+                 "tensors[%" PRId64 "].master_param is set but param_dtype is float32; "
+                 "master weights are for float16 and bfloat16 parameters",
+                 index);
+  }
+  if (tensor.numel == 0) return GMTK_SUCCESS;
+
+  const uint64_t n = static_cast<uint64_t>(tensor.numel);
+  GMTK_CHECK(add_buffer(tensor.grad, n * dtype_size(tensor.grad_dtype), dtype_size(tensor.grad_dtype), Owner::tensor, index, "grad",
+                        ranges));
+  if (tensor.param == nullptr) {
+    const bool has_other = tensor.master_param || tensor.exp_avg || tensor.exp_avg_sq || tensor.max_exp_avg_sq;
+    GMTK_REQUIRE(!has_other,
+                 "tensors[%" PRId64 "].param is NULL but it has master or optimizer state buffers; "
+                 "give the parameters too, or none of them for a selection/mask-only plan",
+                 index);
+    return GMTK_SUCCESS;
+  }
+  GMTK_CHECK(add_buffer(tensor.param, n * dtype_size(tensor.param_dtype), dtype_size(tensor.param_dtype),
+                        Owner::tensor, index, "param", ranges));
+  const struct {
+    const float* pointer;
+    const char* field;
+  } fp32_buffers[] = {{tensor.master_param, "master_param"},
+                      {tensor.exp_avg, "exp_avg"},
+                      {tensor.exp_avg_sq, "exp_avg_sq"},
+                      {tensor.max_exp_avg_sq, "max_exp_avg_sq"}};
+  for (const auto& buffer : fp32_buffers) {
+    if (buffer.pointer == nullptr) continue;
+    GMTK_CHECK(add_buffer(buffer.pointer, n * sizeof(float), alignof(float), Owner::tensor, index, buffer.field, ranges));
+  }
+  return GMTK_SUCCESS;
+}
+
+}  // namespace
+
+gmtkStatus_t validate_handle_config(const gmtkHandleConfig_t* config) {
+  GMTK_REQUIRE(config != nullptr, "config is NULL");
+  GMTK_REQUIRE(config->struct_size == sizeof(gmtkHandleConfig_t),
+               "config->struct_size is %zu; expected %zu (initialise it with GMTK_HANDLE_CONFIG_INIT)",
+               config->struct_size, sizeof(gmtkHandleConfig_t));
+  GMTK_REQUIRE(config->backend == GMTK_BACKEND_CUDA || config->backend == GMTK_BACKEND_CPU_REFERENCE,
+               "config->backend is %d; not a gmtkBackend_t", static_cast<int>(config->backend));
+  if (config->backend == GMTK_BACKEND_CUDA) {
+    GMTK_REQUIRE(config->device >= 0, "config->device is %d; it must be a CUDA device ordinal >= 0", config->device);
+  }
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t validate_group_config(const gmtkGroupConfig_t& group, const char* name) {
+  GMTK_REQUIRE(group.struct_size == sizeof(gmtkGroupConfig_t),
+               "%s.struct_size is %zu; expected %zu (initialise it with gmtkGroupConfigInit)", name,
+               group.struct_size, sizeof(gmtkGroupConfig_t));
+  GMTK_REQUIRE(group.optimizer == GMTK_OPTIMIZER_ADAMW || group.optimizer == GMTK_OPTIMIZER_ADAM ||
+                   group.optimizer == GMTK_OPTIMIZER_SGD,
+               "%s.optimizer is %d; not a gmtkOptimizer_t", name, static_cast<int>(group.optimizer));
+  GMTK_REQUIRE(std::isfinite(group.lr) && group.lr >= 0, "%s.lr is %g; it must be finite and >= 0", name, group.lr);
+  GMTK_REQUIRE(group.lr_device == nullptr || is_aligned(group.lr_device, alignof(float)),
+               "%s.lr_device (%p) is not aligned to 4 bytes", name, static_cast<const void*>(group.lr_device));
+  GMTK_REQUIRE(std::isfinite(group.weight_decay) && group.weight_decay >= 0,
+               "%s.weight_decay is %g; it must be finite and >= 0", name, group.weight_decay);
+  if (is_adam(group.optimizer)) {
+    GMTK_REQUIRE(group.beta1 >= 0 && group.beta1 < 1, "%s.beta1 is %g; it must be in [0, 1)", name, group.beta1);
+    GMTK_REQUIRE(group.beta2 >= 0 && group.beta2 < 1, "%s.beta2 is %g; it must be in [0, 1)", name, group.beta2);
+    GMTK_REQUIRE(std::isfinite(group.eps) && group.eps >= 0, "%s.eps is %g; it must be finite and >= 0", name,
+                 group.eps);
+  } else {
+    GMTK_REQUIRE(std::isfinite(group.momentum) && group.momentum >= 0,
+                 "%s.momentum is %g; it must be finite and >= 0", name, group.momentum);
+    GMTK_REQUIRE(std::isfinite(group.dampening), "%s.dampening is %g; it must be finite", name, group.dampening);
+    GMTK_REQUIRE(!group.nesterov || (group.momentum > 0 && group.dampening == 0),
+                 "%s.nesterov is set with momentum %g and dampening %g; nesterov needs momentum > 0 and "
+                 "dampening 0",
+                 name, group.momentum, group.dampening);
+  }
+  GMTK_REQUIRE(group.mask_ratio >= 0 && group.mask_ratio <= 1, "%s.mask_ratio is %g; it must be in [0, 1]", name,
+               group.mask_ratio);
+  GMTK_REQUIRE(group.scope == GMTK_SCOPE_PER_TENSOR || group.scope == GMTK_SCOPE_GLOBAL,
+               "%s.scope is %d; not a gmtkScope_t", name, static_cast<int>(group.scope));
+  GMTK_REQUIRE(group.mask_mode == GMTK_MASK_GRAD || group.mask_mode == GMTK_MASK_FREEZE,
+               "%s.mask_mode is %d; not a gmtkMaskMode_t", name, static_cast<int>(group.mask_mode));
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
+  GMTK_REQUIRE(config != nullptr, "config is NULL");
+  GMTK_REQUIRE(config->struct_size == sizeof(gmtkPlanConfig_t),
+               "config->struct_size is %zu; expected %zu (initialise it with GMTK_PLAN_CONFIG_INIT)",
+               config->struct_size, sizeof(gmtkPlanConfig_t));
+  GMTK_REQUIRE(config->group_struct_size == sizeof(gmtkGroupConfig_t),
+               "config->group_struct_size is %zu; expected sizeof(gmtkGroupConfig_t) = %zu",
+               config->group_struct_size, sizeof(gmtkGroupConfig_t));
+  GMTK_REQUIRE(config->tensor_struct_size == sizeof(gmtkTensor_t),
+               "config->tensor_struct_size is %zu; expected sizeof(gmtkTensor_t) = %zu", config->tensor_struct_size,
+               sizeof(gmtkTensor_t));
+  GMTK_REQUIRE(config->num_groups >= 1, "config->num_groups is %d; a plan needs at least one group",
+               config->num_groups);
+  GMTK_REQUIRE(config->groups != nullptr, "config->groups is NULL");
+  GMTK_REQUIRE(config->num_tensors >= 0, "config->num_tensors is %" PRId64 "; it must be >= 0",
+               config->num_tensors);
+  GMTK_REQUIRE(config->num_tensors == 0 || config->tensors != nullptr,
+               "config->tensors is NULL but config->num_tensors is %" PRId64, config->num_tensors);
+  GMTK_REQUIRE((config->flags & ~GMTK_PLAN_ALLOCATE_WORKSPACE) == 0u, "config->flags has unknown bits 0x%x",
+               config->flags & ~GMTK_PLAN_ALLOCATE_WORKSPACE);
+
+  const auto* group_bytes = reinterpret_cast<const unsigned char*>(config->groups);
+  std::vector<gmtkGroupConfig_t> groups(static_cast<size_t>(config->num_groups));
+  for (int32_t g = 0; g < config->num_groups; ++g) {
+    groups[g] = *reinterpret_cast<const gmtkGroupConfig_t*>(group_bytes + g * config->group_struct_size);
+    char name[32];
+    std::snprintf(name, sizeof(name), "groups[%d]", g);
+    GMTK_CHECK(validate_group_config(groups[g], name));
+  }
+
+  const auto* tensor_bytes = reinterpret_cast<const unsigned char*>(config->tensors);
+  std::vector<gmtkTensor_t> tensors(static_cast<size_t>(config->num_tensors));
+  std::vector<BufferRange> ranges;
+  for (int64_t t = 0; t < config->num_tensors; ++t) {
+    tensors[t] = *reinterpret_cast<const gmtkTensor_t*>(tensor_bytes + t * config->tensor_struct_size);
+    GMTK_CHECK(validate_tensor(tensors[t], t, config->num_groups, &ranges));
+  }
+  GMTK_CHECK(sort_and_check_disjoint(&ranges));
+
+  std::vector<BufferRange> scalars;
+  GMTK_CHECK(collect_group_scalars(groups, &scalars));
+  for (const BufferRange& scalar : scalars) GMTK_CHECK(check_against(ranges, scalar));
+
+  std::vector<std::vector<int64_t>> tensors_of_group(groups.size());
+  std::vector<uint64_t> numel_of_group(groups.size(), 0);
+  for (int64_t t = 0; t < config->num_tensors; ++t) {
+    const gmtkTensor_t& tensor = tensors[t];
+    const gmtkGroupConfig_t& group = groups[tensor.group];
+    if (group.scope == GMTK_SCOPE_GLOBAL && !tensors_of_group[tensor.group].empty()) {
+      const gmtkTensor_t& first = tensors[tensors_of_group[tensor.group].front()];
+      if (first.grad_dtype != tensor.grad_dtype) {
+        return fail(GMTK_ERROR_NOT_SUPPORTED,
+                    "tensors[%" PRId64 "].grad_dtype is %s but tensors[%" PRId64
+                    "] of the same global-scope group %d is %s; a global threshold needs one gradient dtype per "
+                    "group (split the group)",
+                    t, dtype_name(tensor.grad_dtype), tensors_of_group[tensor.group].front(), tensor.group,
+                    dtype_name(first.grad_dtype));
+      }
+    }
+    tensors_of_group[tensor.group].push_back(t);
+    numel_of_group[tensor.group] += static_cast<uint64_t>(tensor.numel);
+  }
+
+  plan->groups = std::move(groups);
+  plan->tensors = std::move(tensors);
+  plan->tensors_of_group = std::move(tensors_of_group);
+  plan->numel_of_group = std::move(numel_of_group);
+  plan->sorted_buffers = std::move(ranges);
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGroupConfig_t* config) {
+  const int32_t num_groups = static_cast<int32_t>(plan.groups.size());
+  GMTK_REQUIRE(index >= 0 && index < num_groups, "group is %d; the plan has %d groups", index, num_groups);
+  GMTK_REQUIRE(config != nullptr, "config is NULL");
+  GMTK_CHECK(validate_group_config(*config, "config"));
+  const gmtkGroupConfig_t& current = plan.groups[index];
+  GMTK_REQUIRE(config->optimizer == current.optimizer,
+               "config->optimizer differs from group %d's; the optimizer cannot change without a new plan", index);
+  GMTK_REQUIRE(!config->amsgrad == !current.amsgrad,
+               "config->amsgrad differs from group %d's; amsgrad cannot change without a new plan", index);
+  GMTK_REQUIRE(config->scope == current.scope,
+               "config->scope is %s but group %d is %s; the scope cannot change without a new plan",
+               scope_name(config->scope), index, scope_name(current.scope));
+  GMTK_REQUIRE(config->mask_mode == current.mask_mode,
+               "config->mask_mode differs from group %d's; the mask mode cannot change without a new plan", index);
+  if (config->lr_device != nullptr) {
+    std::vector<BufferRange> scalar;
+    GMTK_CHECK(add_buffer(config->lr_device, sizeof(float), alignof(float), Owner::call, 0, "config->lr_device", &scalar));
+    GMTK_CHECK(check_against(plan.sorted_buffers, scalar.front()));
+  }
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, const gmtkStepArgs_t* args,
+                                     void* workspace, size_t workspace_bytes, gmtkStream_t stream, Call* call) {
+  GMTK_REQUIRE(args != nullptr, "args is NULL");
+  GMTK_REQUIRE(args->struct_size == sizeof(gmtkStepArgs_t),
+               "args->struct_size is %zu; expected %zu (initialise it with GMTK_STEP_ARGS_INIT)", args->struct_size,
+               sizeof(gmtkStepArgs_t));
+  const bool is_step = operation == Operation::step;
+  if (is_step && args->step_count == nullptr) {
+    GMTK_REQUIRE(args->step >= 1, "args->step is %" PRId64 "; it is the 1-based index of this update", args->step);
+  }
+  GMTK_REQUIRE(workspace != nullptr || workspace_bytes == 0, "workspace is NULL but workspace_bytes is %zu",
+               workspace_bytes);
+
+  // Buffers this call writes: pairwise disjoint, and disjoint from every
+  // tensor buffer and group scalar.
+  const uint64_t num_tensors = plan.tensors.size();
+  std::vector<BufferRange> written;
+  if (args->thresholds != nullptr) {
+    GMTK_CHECK(add_buffer(args->thresholds, num_tensors * sizeof(float), alignof(float), Owner::call, 0,
+                          "args->thresholds", &written));
+  }
+  if (args->kept_counts != nullptr) {
+    GMTK_CHECK(add_buffer(args->kept_counts, num_tensors * sizeof(int64_t), alignof(int64_t), Owner::call, 0,
+                          "args->kept_counts", &written));
+  }
+  if (args->found_inf != nullptr) {
+    GMTK_CHECK(add_buffer(args->found_inf, sizeof(float), alignof(float), Owner::call, 0, "args->found_inf", &written));
+  }
+  if (is_step && args->step_count != nullptr) {
+    GMTK_CHECK(add_buffer(args->step_count, sizeof(int64_t), alignof(int64_t), Owner::call, 0, "args->step_count", &written));
+  }
+  if (workspace != nullptr) {
+    GMTK_CHECK(add_buffer(workspace, workspace_bytes, 1, Owner::call, 0, "workspace", &written));
+  }
+  GMTK_CHECK(sort_and_check_disjoint(&written));
+  std::vector<BufferRange> scalars;
+  GMTK_CHECK(collect_group_scalars(plan.groups, &scalars));
+  for (const BufferRange& range : written) {
+    GMTK_CHECK(check_against(plan.sorted_buffers, range));
+    GMTK_CHECK(check_against(scalars, range));  // scalars may repeat; find_overlap needs only sorted begins
+  }
+  if (args->inv_loss_scale != nullptr) {
+    std::vector<BufferRange> scale;
+    GMTK_CHECK(add_buffer(args->inv_loss_scale, sizeof(float), alignof(float), Owner::call, 0, "args->inv_loss_scale", &scale));
+    GMTK_CHECK(check_against(plan.sorted_buffers, scale.front()));
+    GMTK_CHECK(check_against(written, scale.front()));
+  }
+
+  call->operation = operation;
+  call->args = *args;
+  call->workspace = workspace;
+  call->workspace_bytes = workspace_bytes;
+  call->stream = stream;
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t check_step_buffers(const Plan& plan) {
+  for (size_t t = 0; t < plan.tensors.size(); ++t) {
+    const gmtkTensor_t& tensor = plan.tensors[t];
+    if (tensor.numel == 0) continue;
+    const gmtkGroupConfig_t& group = plan.groups[tensor.group];
+    GMTK_REQUIRE(tensor.param != nullptr,
+                 "tensors[%zu].param is NULL; gmtkStep needs the parameters (a plan without them serves only "
+                 "gmtkSelectThresholds and gmtkMaskGradients)",
+                 t);
+    if (is_adam(group.optimizer)) {
+      GMTK_REQUIRE(tensor.exp_avg != nullptr, "tensors[%zu].exp_avg is NULL; Adam needs it", t);
+      GMTK_REQUIRE(tensor.exp_avg_sq != nullptr, "tensors[%zu].exp_avg_sq is NULL; Adam needs it", t);
+      GMTK_REQUIRE(!group.amsgrad || tensor.max_exp_avg_sq != nullptr,
+                   "tensors[%zu].max_exp_avg_sq is NULL; group %d uses amsgrad", t, tensor.group);
+    } else if (group.momentum != 0) {
+      GMTK_REQUIRE(tensor.exp_avg != nullptr,
+                   "tensors[%zu].exp_avg (the momentum buffer) is NULL; group %d has momentum %g", t, tensor.group,
+                   group.momentum);
+    }
+  }
+  return GMTK_SUCCESS;
+}
+
+}  // namespace gmtk

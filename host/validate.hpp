@@ -1,0 +1,31 @@
+// Argument validation shared by both backends. Every check runs before
+// anything is written, and every failure names the argument.
+#pragma once
+
+#include "backend.hpp"
+#include "plan.hpp"
+
+namespace gmtk {
+
+gmtkStatus_t validate_handle_config(const gmtkHandleConfig_t* config);
+
+// `name` is how the message refers to the group, e.g. "groups[2]" or "config".
+gmtkStatus_t validate_group_config(const gmtkGroupConfig_t& group, const char* name);
+
+// Checks everything in a plan config that does not depend on the backend and
+// fills `plan` (groups, tensors, indexes, sorted buffers).
+gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan);
+
+// Checks a schedule change of group `index`: only schedule fields may change.
+gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGroupConfig_t* config);
+
+// Checks a call's arguments against the plan, except the workspace size,
+// which the backend decides; fills `call`.
+gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, const gmtkStepArgs_t* args,
+                                     void* workspace, size_t workspace_bytes, gmtkStream_t stream, Call* call);
+
+// For gmtkStep: every tensor has the parameter and state buffers its group's
+// optimizer needs (they may change with momentum, so this is checked per step).
+gmtkStatus_t check_step_buffers(const Plan& plan);
+
+}  // namespace gmtk

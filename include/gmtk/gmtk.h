@@ -1,0 +1,235 @@
+/*
+ * gmtk: gradient-mask tuning kernels.
+ *
+ * One Gradient-Mask Tuning (GMT) optimizer step over caller-owned tensors:
+ * per tensor (or per group) find the magnitude threshold T below which a ratio
+ * of the gradient entries is masked, then apply masked AdamW / Adam / SGD.
+ * What a step computes is specified in docs/semantics.md; this header is the
+ * whole public API. It compiles as C99 and as C++, and needs no CUDA header.
+ *
+ * Conventions (as in nccl.h):
+ *  - Every call returns gmtkStatus_t; GMTK_SUCCESS is 0. On failure
+ *    gmtkGetLastErrorMessage() names the argument that was wrong, and nothing
+ *    the caller owns has been written.
+ *  - Calls that launch work take the stream last. They are asynchronous with
+ *    respect to the host on the CUDA backend and never synchronize it.
+ *  - Config structs begin with struct_size; initialise them with the
+ *    GMTK_*_INIT macros or gmtkGroupConfigInit() so that the library can grow
+ *    them without breaking the ABI.
+ *  - "Device memory" below means memory the handle's backend reads: CUDA
+ *    device (or managed) memory on the CUDA backend, ordinary host memory on
+ *    the CPU reference backend.
+ */
+#ifndef GMTK_GMTK_H_
+#define GMTK_GMTK_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define GMTK_VERSION_MAJOR 0
+#define GMTK_VERSION_MINOR 1
+#define GMTK_VERSION_PATCH 0
+#define GMTK_VERSION_CODE(major, minor, patch) ((major) * 10000 + (minor) * 100 + (patch))
+#define GMTK_VERSION GMTK_VERSION_CODE(GMTK_VERSION_MAJOR, GMTK_VERSION_MINOR, GMTK_VERSION_PATCH)
+
+#if defined(_WIN32)
+#define GMTK_API
+#else
+#define GMTK_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes. GMTK_NUM_STATUSES is a count, not a status. */
+typedef enum {
+  GMTK_SUCCESS = 0,
+  GMTK_ERROR_INVALID_ARGUMENT = 1,     /* a null, misaligned, overlapping or out-of-range argument */
+  GMTK_ERROR_NOT_SUPPORTED = 2,        /* valid request this build or backend does not implement */
+  GMTK_ERROR_INSUFFICIENT_WORKSPACE = 3,
+  GMTK_ERROR_OUT_OF_MEMORY = 4,        /* host or device allocation at handle or plan creation */
+  GMTK_ERROR_DEVICE_UNAVAILABLE = 5,   /* no usable CUDA device for a CUDA handle */
+  GMTK_ERROR_CUDA = 6,                 /* a CUDA runtime call failed; the message has its error */
+  GMTK_ERROR_INTERNAL = 7,             /* a bug in gmtk: please report the message */
+  GMTK_NUM_STATUSES = 8
+} gmtkStatus_t;
+
+typedef enum {
+  GMTK_BACKEND_CUDA = 0,          /* the product: fused kernels on a CUDA device */
+  GMTK_BACKEND_CPU_REFERENCE = 1  /* the oracle: plain C++ on host memory, synchronous */
+} gmtkBackend_t;
+
+typedef enum { GMTK_FLOAT32 = 0, GMTK_FLOAT16 = 1, GMTK_BFLOAT16 = 2 } gmtkDtype_t;
+
+typedef enum {
+  GMTK_OPTIMIZER_ADAMW = 0, /* torch.optim.AdamW: decoupled weight decay */
+  GMTK_OPTIMIZER_ADAM = 1,  /* torch.optim.Adam: L2 weight decay folded into the gradient */
+  GMTK_OPTIMIZER_SGD = 2    /* torch.optim.SGD: momentum, dampening, nesterov */
+} gmtkOptimizer_t;
+
+typedef enum {
+  GMTK_SCOPE_PER_TENSOR = 0, /* each tensor gets its own threshold */
+  GMTK_SCOPE_GLOBAL = 1      /* one threshold over all tensors of the group */
+} gmtkScope_t;
+
+typedef enum {
+  GMTK_MASK_GRAD = 0,  /* the paper's method: masked entries get gradient 0 (state decays, weight decay applies) */
+  GMTK_MASK_FREEZE = 1 /* masked entries are not touched: parameter, master and state keep their bits */
+} gmtkMaskMode_t;
+
+/* Same type as cudaStream_t; NULL is the legacy default stream. */
+typedef struct CUstream_st* gmtkStream_t;
+
+typedef struct gmtkHandle* gmtkHandle_t;
+typedef struct gmtkPlan* gmtkPlan_t;
+
+/* ---- Errors and version ------------------------------------------------ */
+
+/* Static string for a status; never NULL. */
+GMTK_API const char* gmtkGetErrorString(gmtkStatus_t status);
+
+/* Detail of the most recent failed gmtk call on the calling thread ("" if none
+ * failed yet): what was wrong and which argument. Successful calls leave it as
+ * it is. The pointer stays valid until the next failing call on this thread. */
+GMTK_API const char* gmtkGetLastErrorMessage(void);
+
+/* Writes GMTK_VERSION of the library that is loaded (may differ from the header's). */
+GMTK_API gmtkStatus_t gmtkGetVersion(int* version);
+
+/* ---- Handle ------------------------------------------------------------ */
+
+typedef struct {
+  size_t struct_size;    /* sizeof(gmtkHandleConfig_t) */
+  gmtkBackend_t backend;
+  int device;            /* CUDA device ordinal; ignored by the CPU reference backend */
+} gmtkHandleConfig_t;
+
+#define GMTK_HANDLE_CONFIG_INIT {sizeof(gmtkHandleConfig_t), GMTK_BACKEND_CUDA, 0}
+
+/* A CUDA handle checks that the device exists and that this build carries code
+ * for its architecture (else GMTK_ERROR_DEVICE_UNAVAILABLE). */
+GMTK_API gmtkStatus_t gmtkHandleCreate(gmtkHandle_t* handle, const gmtkHandleConfig_t* config);
+/* Destroy plans made from a handle before the handle. NULL is accepted. */
+GMTK_API gmtkStatus_t gmtkHandleDestroy(gmtkHandle_t handle);
+GMTK_API gmtkStatus_t gmtkHandleGetBackend(gmtkHandle_t handle, gmtkBackend_t* backend);
+
+/* ---- Parameter groups (torch param_groups) ----------------------------- */
+
+typedef struct {
+  size_t struct_size;       /* sizeof(gmtkGroupConfig_t) */
+  gmtkOptimizer_t optimizer;
+  double lr;                /* >= 0 */
+  const float* lr_device;   /* optional: if set, the step reads lr here (device memory), e.g. for CUDA graphs */
+  double weight_decay;      /* >= 0 */
+  int maximize;             /* nonzero: ascend instead of descend */
+  /* Adam, AdamW */
+  double beta1, beta2;      /* in [0, 1) */
+  double eps;               /* >= 0 */
+  int amsgrad;              /* nonzero: keep max_exp_avg_sq */
+  /* SGD */
+  double momentum;          /* >= 0 */
+  double dampening;
+  int nesterov;             /* needs momentum > 0 and dampening == 0 */
+  /* Gradient-mask tuning */
+  double mask_ratio;        /* in [0, 1]: the fraction of entries to mask */
+  gmtkScope_t scope;
+  gmtkMaskMode_t mask_mode;
+} gmtkGroupConfig_t;
+
+/* Fills *config with torch.optim's defaults for the optimizer
+ * (AdamW: lr 1e-3, betas 0.9/0.999, eps 1e-8, weight_decay 1e-2; Adam: the
+ * same with weight_decay 0; SGD: lr 1e-3, no momentum, no weight decay), and
+ * mask_ratio 0, per-tensor scope, mask-grad mode. */
+GMTK_API gmtkStatus_t gmtkGroupConfigInit(gmtkGroupConfig_t* config, gmtkOptimizer_t optimizer);
+
+/* ---- Tensors ------------------------------------------------------------ */
+
+/* One parameter tensor, flattened. All pointers are caller-owned device memory
+ * and are captured by the plan: keep them valid (and unmoved) while it lives.
+ * Buffers must not overlap one another. Parameter and optimizer buffers may be
+ * NULL in a plan used only for gmtkSelectThresholds / gmtkMaskGradients. */
+typedef struct {
+  int32_t group;            /* index into the plan's groups */
+  int64_t numel;            /* entries held here; 0 is valid (a rank with no shard) */
+  gmtkDtype_t grad_dtype;
+  void* grad;               /* gradient as accumulated; written only by gmtkMaskGradients */
+  gmtkDtype_t param_dtype;
+  void* param;
+  float* master_param;      /* optional fp32 master weights, only for 16-bit params */
+  float* exp_avg;           /* Adam m; SGD momentum buffer (needed when momentum != 0) */
+  float* exp_avg_sq;        /* Adam v */
+  float* max_exp_avg_sq;    /* Adam with amsgrad only */
+} gmtkTensor_t;
+
+/* ---- Plan --------------------------------------------------------------- */
+
+#define GMTK_PLAN_ALLOCATE_WORKSPACE 1u /* the plan allocates its workspace once; pass NULL, 0 to the step */
+
+typedef struct {
+  size_t struct_size;          /* sizeof(gmtkPlanConfig_t) */
+  const gmtkGroupConfig_t* groups;
+  int32_t num_groups;          /* >= 1 */
+  size_t group_struct_size;    /* sizeof(gmtkGroupConfig_t): the stride of groups[] */
+  const gmtkTensor_t* tensors; /* may be NULL when num_tensors is 0 */
+  int64_t num_tensors;
+  size_t tensor_struct_size;   /* sizeof(gmtkTensor_t): the stride of tensors[] */
+  unsigned int flags;          /* GMTK_PLAN_* */
+} gmtkPlanConfig_t;
+
+#define GMTK_PLAN_CONFIG_INIT \
+  {sizeof(gmtkPlanConfig_t), NULL, 0, sizeof(gmtkGroupConfig_t), NULL, 0, sizeof(gmtkTensor_t), 0u}
+
+/* Validates every group and tensor and copies what it needs; the arrays may be
+ * freed afterwards. On failure *plan is left untouched. */
+GMTK_API gmtkStatus_t gmtkPlanCreate(gmtkHandle_t handle, const gmtkPlanConfig_t* config, gmtkPlan_t* plan);
+/* NULL is accepted. */
+GMTK_API gmtkStatus_t gmtkPlanDestroy(gmtkPlan_t plan);
+
+/* Bytes of workspace the plan's calls need (0 for a plan that owns its workspace). */
+GMTK_API gmtkStatus_t gmtkPlanGetWorkspaceSize(gmtkPlan_t plan, size_t* workspace_bytes);
+
+/* Changes a group's schedule between steps without rebuilding the plan:
+ * lr, lr_device, weight_decay, maximize, betas, eps, momentum, dampening,
+ * nesterov and mask_ratio may change; optimizer, amsgrad, scope and mask_mode
+ * may not (they decide which buffers and workspace the plan needs). */
+GMTK_API gmtkStatus_t gmtkPlanSetGroupHyperparams(gmtkPlan_t plan, int32_t group, const gmtkGroupConfig_t* config);
+
+/* ---- Steps ---------------------------------------------------------------- */
+
+typedef struct {
+  size_t struct_size;           /* sizeof(gmtkStepArgs_t) */
+  int64_t step;                 /* 1-based index of this update (bias correction, SGD's first step);
+                                   used when step_count is NULL */
+  int64_t* step_count;          /* optional device counter of completed steps (torch's state "step"):
+                                   the step uses t = *step_count + 1 and stores t if it applies */
+  const float* inv_loss_scale;  /* optional device scalar: gradients are multiplied by it before use */
+  float* found_inf;             /* optional device output: 1.0f if any (unscaled) gradient is inf/NaN, else 0.0f */
+  float* thresholds;            /* optional device output, num_tensors floats: T of each tensor's set */
+  int64_t* kept_counts;         /* optional device output, num_tensors: entries with |g| >= T in each tensor */
+} gmtkStepArgs_t;
+
+#define GMTK_STEP_ARGS_INIT {sizeof(gmtkStepArgs_t), 1, NULL, NULL, NULL, NULL, NULL}
+
+/* The full GMT step: select thresholds, then apply the masked optimizer update
+ * to every tensor. If any gradient is not finite, only the outputs are written
+ * (found_inf = 1) and no tensor or counter changes. */
+GMTK_API gmtkStatus_t gmtkStep(gmtkPlan_t plan, const gmtkStepArgs_t* args, void* workspace,
+                               size_t workspace_bytes, gmtkStream_t stream);
+
+/* Selection only: writes thresholds, kept_counts and found_inf; touches no tensor. */
+GMTK_API gmtkStatus_t gmtkSelectThresholds(gmtkPlan_t plan, const gmtkStepArgs_t* args, void* workspace,
+                                           size_t workspace_bytes, gmtkStream_t stream);
+
+/* Mask only: sets to +0 every gradient entry with |g| < T, in place, for
+ * frameworks that run their own optimizer. Writes the same outputs as
+ * gmtkSelectThresholds. If any gradient is not finite the gradients are left
+ * as they are (so the caller's own inf check still fires). */
+GMTK_API gmtkStatus_t gmtkMaskGradients(gmtkPlan_t plan, const gmtkStepArgs_t* args, void* workspace,
+                                        size_t workspace_bytes, gmtkStream_t stream);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* GMTK_GMTK_H_ */

@@ -1,0 +1,23 @@
+# Fails unless every dynamic symbol libgmtk.so defines starts with "gmtk".
+# Usage: cmake -DLIBRARY=path/libgmtk.so -DNM=nm -P check_exported_symbols.cmake
+execute_process(COMMAND ${NM} -D --defined-only ${LIBRARY}
+                OUTPUT_VARIABLE symbols RESULT_VARIABLE result)
+if(NOT result EQUAL 0)
+  message(FATAL_ERROR "${NM} -D --defined-only ${LIBRARY} failed (${result})")
+endif()
+string(REPLACE "\n" ";" lines "${symbols}")
+set(public 0)
+foreach(line IN LISTS lines)
+  if(line STREQUAL "")
+    continue()
+  endif()
+  string(REGEX REPLACE "^.* " "" name "${line}")
+  if(NOT name MATCHES "^gmtk")
+    message(FATAL_ERROR "libgmtk.so exports '${name}'; only gmtk* symbols may be exported")
+  endif()
+  math(EXPR public "${public} + 1")
+endforeach()
+if(public LESS 14)
+  message(FATAL_ERROR "libgmtk.so exports ${public} gmtk* symbols; the C API has 14")
+endif()
+message(STATUS "libgmtk.so exports ${public} symbols, all gmtk*")

@@ -1,0 +1,140 @@
+// The CUDA backend as far as it goes today: handles, plans over device memory,
+// the pointer checks, and an honest NOT_SUPPORTED for the kernels still to
+// come (docs/design.md). Tag [small] is the subset run under compute-sanitizer.
+#include <gmtk/gmtk.h>
+
+#include <catch2/catch.hpp>
+#include <cuda_runtime_api.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace {
+
+#define CUDA_REQUIRE(call) REQUIRE((call) == cudaSuccess)
+
+struct DeviceBuffer {
+  void* pointer = nullptr;
+  explicit DeviceBuffer(size_t bytes) { CUDA_REQUIRE(cudaMalloc(&pointer, bytes)); }
+  ~DeviceBuffer() { cudaFree(pointer); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  float* f32() const { return static_cast<float*>(pointer); }
+};
+
+gmtkHandle_t make_cuda_handle() {
+  gmtkHandleConfig_t config = GMTK_HANDLE_CONFIG_INIT;
+  gmtkHandle_t handle = nullptr;
+  const gmtkStatus_t status = gmtkHandleCreate(&handle, &config);
+  INFO(gmtkGetLastErrorMessage());
+  REQUIRE(status == GMTK_SUCCESS);
+  return handle;
+}
+
+gmtkStatus_t make_plan(gmtkHandle_t handle, const gmtkTensor_t& tensor, gmtkPlan_t* plan) {
+  gmtkGroupConfig_t group;
+  gmtkGroupConfigInit(&group, GMTK_OPTIMIZER_ADAMW);
+  group.mask_ratio = 0.5;
+  gmtkPlanConfig_t config = GMTK_PLAN_CONFIG_INIT;
+  config.groups = &group;
+  config.num_groups = 1;
+  config.tensors = &tensor;
+  config.num_tensors = 1;
+  return gmtkPlanCreate(handle, &config, plan);
+}
+
+gmtkTensor_t adam_tensor(int64_t n, void* grad, void* param, float* m, float* v) {
+  gmtkTensor_t tensor{};
+  tensor.numel = n;
+  tensor.grad_dtype = GMTK_FLOAT32;
+  tensor.grad = grad;
+  tensor.param_dtype = GMTK_FLOAT32;
+  tensor.param = param;
+  tensor.exp_avg = m;
+  tensor.exp_avg_sq = v;
+  return tensor;
+}
+
+bool mentions(const char* text) { return std::string(gmtkGetLastErrorMessage()).find(text) != std::string::npos; }
+
+}  // namespace
+
+TEST_CASE("a CUDA handle is created on the device and leaves the current device alone", "[small]") {
+  int before = -1;
+  CUDA_REQUIRE(cudaGetDevice(&before));
+  gmtkHandle_t handle = make_cuda_handle();
+  int after = -2;
+  CUDA_REQUIRE(cudaGetDevice(&after));
+  CHECK(after == before);
+  gmtkBackend_t backend = GMTK_BACKEND_CPU_REFERENCE;
+  REQUIRE(gmtkHandleGetBackend(handle, &backend) == GMTK_SUCCESS);
+  CHECK(backend == GMTK_BACKEND_CUDA);
+  gmtkHandleDestroy(handle);
+}
+
+TEST_CASE("an out-of-range device ordinal is rejected", "[small]") {
+  int count = 0;
+  CUDA_REQUIRE(cudaGetDeviceCount(&count));
+  gmtkHandleConfig_t config = GMTK_HANDLE_CONFIG_INIT;
+  config.device = count;
+  gmtkHandle_t handle = nullptr;
+  CHECK(gmtkHandleCreate(&handle, &config) == GMTK_ERROR_INVALID_ARGUMENT);
+  CHECK(mentions("config->device"));
+  CHECK(handle == nullptr);
+}
+
+TEST_CASE("plans over device memory are accepted; host memory is rejected by name", "[small]") {
+  const int64_t n = 1000;
+  gmtkHandle_t handle = make_cuda_handle();
+  DeviceBuffer grad(n * 4), param(n * 4), m(n * 4), v(n * 4);
+  gmtkPlan_t plan = nullptr;
+  REQUIRE(make_plan(handle, adam_tensor(n, grad.pointer, param.pointer, m.f32(), v.f32()), &plan) == GMTK_SUCCESS);
+  gmtkPlanDestroy(plan);
+
+  std::vector<float> host(n);
+  gmtkPlan_t untouched = nullptr;
+  CHECK(make_plan(handle, adam_tensor(n, host.data(), param.pointer, m.f32(), v.f32()), &untouched) ==
+        GMTK_ERROR_INVALID_ARGUMENT);
+  CHECK(mentions("tensors[0].grad"));
+  CHECK(mentions("host memory"));
+  CHECK(untouched == nullptr);
+
+  void* pinned = nullptr;
+  CUDA_REQUIRE(cudaMallocHost(&pinned, n * 4));
+  CHECK(make_plan(handle, adam_tensor(n, grad.pointer, param.pointer, m.f32(), static_cast<float*>(pinned)),
+                  &untouched) == GMTK_ERROR_INVALID_ARGUMENT);
+  CHECK(mentions("tensors[0].exp_avg_sq"));
+  CHECK(mentions("pinned host"));
+  cudaFreeHost(pinned);
+  gmtkHandleDestroy(handle);
+}
+
+TEST_CASE("selection, masking and steps report NOT_SUPPORTED until the kernels land, after validation",
+          "[small]") {
+  const int64_t n = 4096;
+  gmtkHandle_t handle = make_cuda_handle();
+  DeviceBuffer grad(n * 4), param(n * 4), m(n * 4), v(n * 4), outputs(256);
+  gmtkPlan_t plan = nullptr;
+  REQUIRE(make_plan(handle, adam_tensor(n, grad.pointer, param.pointer, m.f32(), v.f32()), &plan) == GMTK_SUCCESS);
+
+  size_t bytes = 0;
+  CHECK(gmtkPlanGetWorkspaceSize(plan, &bytes) == GMTK_ERROR_NOT_SUPPORTED);
+  CHECK(mentions("GMTK_BACKEND_CPU_REFERENCE"));
+
+  gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+  args.thresholds = outputs.f32();
+  CHECK(gmtkStep(plan, nullptr, nullptr, 0, nullptr) == GMTK_ERROR_INVALID_ARGUMENT);  // validation first
+  CHECK(gmtkStep(plan, &args, nullptr, 0, nullptr) == GMTK_ERROR_NOT_SUPPORTED);
+  CHECK(gmtkSelectThresholds(plan, &args, nullptr, 0, nullptr) == GMTK_ERROR_NOT_SUPPORTED);
+  CHECK(gmtkMaskGradients(plan, &args, nullptr, 0, nullptr) == GMTK_ERROR_NOT_SUPPORTED);
+
+  std::vector<float> host_thresholds(1);
+  args.thresholds = host_thresholds.data();
+  CHECK(gmtkStep(plan, &args, nullptr, 0, nullptr) == GMTK_ERROR_INVALID_ARGUMENT);
+  CHECK(mentions("args->thresholds"));
+
+  gmtkPlanDestroy(plan);
+  gmtkHandleDestroy(handle);
+  CHECK(cudaGetLastError() == cudaSuccess);  // gmtk leaves no sticky error behind
+}
