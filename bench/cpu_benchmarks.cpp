@@ -1,0 +1,185 @@
+// CPU reference backend benchmarks: they run anywhere, and show that the oracle
+// stays usable at 1e8 entries. Timed with the wall clock.
+#include <benchmark/benchmark.h>
+
+#include <cstring>
+#include <vector>
+
+#include "step_benchmarks.hpp"
+
+namespace gmtk_bench {
+namespace {
+
+// Host storage of one tensor's buffers.
+struct HostTensor {
+  std::vector<unsigned char> grad, param;
+  std::vector<float> master, exp_avg, exp_avg_sq;
+};
+
+uint16_t to_16bit(gmtkDtype_t dtype, float value) {
+  if (dtype == GMTK_FLOAT16) {
+    const _Float16 half = static_cast<_Float16>(value);
+    uint16_t bits;
+    std::memcpy(&bits, &half, 2);
+    return bits;
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);  // bf16, nearest-even (finite input)
+}
+
+void store(gmtkDtype_t dtype, std::vector<unsigned char>& bytes, size_t i, float value) {
+  if (dtype == GMTK_FLOAT32) {
+    std::memcpy(bytes.data() + 4 * i, &value, 4);
+  } else {
+    const uint16_t bits = to_16bit(dtype, value);
+    std::memcpy(bytes.data() + 2 * i, &bits, 2);
+  }
+}
+
+void run_cpu_call(benchmark::State& state, const StepSpec& spec) {
+  const size_t count = spec.shapes.numels.size();
+  std::vector<HostTensor> storage(count);
+  std::vector<gmtkTensor_t> tensors(count);
+  for (size_t t = 0; t < count; ++t) {
+    const auto n = static_cast<size_t>(spec.shapes.numels[t]);
+    HostTensor& h = storage[t];
+    h.grad.resize(n * dtype_bytes(spec.grad_dtype));
+    h.param.resize(n * dtype_bytes(spec.param_dtype));
+    for (size_t i = 0; i < n; ++i) {
+      store(spec.grad_dtype, h.grad, i, gradient_value(spec.distribution, 1, t, i));
+      store(spec.param_dtype, h.param, i, 0.02f * standard_normal(i * 7 + t));
+    }
+    if (spec.call == Call::step) {
+      h.exp_avg.assign(n, 0.0f);
+      if (spec.optimizer != GMTK_OPTIMIZER_SGD) h.exp_avg_sq.assign(n, 0.0f);
+      if (spec.master) h.master.assign(n, 0.0f);
+    }
+    gmtkTensor_t& d = tensors[t];
+    d = gmtkTensor_t{};
+    d.numel = static_cast<int64_t>(n);
+    d.grad_dtype = spec.grad_dtype;
+    d.grad = h.grad.data();
+    d.param_dtype = spec.param_dtype;
+    if (spec.call == Call::step) {
+      d.param = h.param.data();
+      d.master_param = spec.master ? h.master.data() : nullptr;
+      d.exp_avg = h.exp_avg.data();
+      d.exp_avg_sq = h.exp_avg_sq.empty() ? nullptr : h.exp_avg_sq.data();
+    }
+  }
+
+  gmtkGroupConfig_t group;
+  gmtkGroupConfigInit(&group, spec.optimizer);
+  group.mask_ratio = spec.ratio;
+  group.scope = spec.scope;
+  group.mask_mode = spec.mode;
+  if (spec.optimizer == GMTK_OPTIMIZER_SGD) group.momentum = 0.9;
+  gmtkHandleConfig_t handle_config = GMTK_HANDLE_CONFIG_INIT;
+  handle_config.backend = GMTK_BACKEND_CPU_REFERENCE;
+  gmtkHandle_t handle = nullptr;
+  gmtkPlan_t plan = nullptr;
+  gmtkPlanConfig_t plan_config = GMTK_PLAN_CONFIG_INIT;
+  plan_config.groups = &group;
+  plan_config.num_groups = 1;
+  plan_config.tensors = tensors.data();
+  plan_config.num_tensors = static_cast<int64_t>(count);
+  plan_config.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
+  if (gmtkHandleCreate(&handle, &handle_config) != GMTK_SUCCESS ||
+      gmtkPlanCreate(handle, &plan_config, &plan) != GMTK_SUCCESS) {
+    state.SkipWithError(gmtkGetLastErrorMessage());
+    gmtkHandleDestroy(handle);
+    return;
+  }
+  std::vector<float> thresholds(count);
+  gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+  args.thresholds = thresholds.data();
+  int64_t step = 0;
+  for (auto _ : state) {
+    args.step = ++step;
+    gmtkStatus_t status = GMTK_SUCCESS;
+    switch (spec.call) {
+      case Call::step: status = gmtkStep(plan, &args, nullptr, 0, nullptr); break;
+      case Call::select: status = gmtkSelectThresholds(plan, &args, nullptr, 0, nullptr); break;
+      case Call::mask: status = gmtkMaskGradients(plan, &args, nullptr, 0, nullptr); break;
+    }
+    if (status != GMTK_SUCCESS) {
+      state.SkipWithError(gmtkGetLastErrorMessage());
+      break;
+    }
+    benchmark::DoNotOptimize(thresholds.data());
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(spec.floor_bytes() * static_cast<double>(state.iterations())));
+  state.counters["entries"] = static_cast<double>(spec.shapes.total());
+  gmtkPlanDestroy(plan);
+  gmtkHandleDestroy(handle);
+}
+
+void register_spec(const StepSpec& spec, int iterations = 0) {
+  registered_specs()[spec.name()] = spec;
+  auto* benchmark = benchmark::RegisterBenchmark(spec.name().c_str(),
+                                                 [spec](benchmark::State& state) { run_cpu_call(state, spec); });
+  benchmark->UseRealTime()->Unit(benchmark::kMillisecond);
+  if (iterations > 0) benchmark->Iterations(iterations);
+}
+
+void cpu_memcpy(benchmark::State& state) {
+  const auto bytes = static_cast<size_t>(state.range(0));
+  std::vector<unsigned char> source(bytes, 1), destination(bytes, 0);
+  for (auto _ : state) {
+    std::memcpy(destination.data(), source.data(), bytes);
+    benchmark::DoNotOptimize(destination.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(2 * bytes * state.iterations()));  // read + write
+}
+
+}  // namespace
+
+void register_cpu_benchmarks(bool large) {
+  benchmark::RegisterBenchmark("cpu/memcpy", cpu_memcpy)->Arg(int64_t{1} << 28)->ArgName("bytes")->UseRealTime()->Unit(
+      benchmark::kMillisecond);
+
+  StepSpec base;
+  base.device = "cpu";
+  base.shapes = llama_shaped_mini(4);
+  for (double ratio : {0.0, 0.5, 0.9, 0.99}) {
+    StepSpec spec = base;
+    spec.ratio = ratio;
+    register_spec(spec);
+  }
+  StepSpec global = base;
+  global.ratio = 0.9;
+  global.scope = GMTK_SCOPE_GLOBAL;
+  register_spec(global);
+  StepSpec freeze = base;
+  freeze.ratio = 0.99;
+  freeze.mode = GMTK_MASK_FREEZE;
+  register_spec(freeze);
+  for (double ratio : {0.0, 0.9}) {
+    StepSpec bf16 = base;
+    bf16.grad_dtype = bf16.param_dtype = GMTK_BFLOAT16;
+    bf16.master = true;
+    bf16.ratio = ratio;
+    register_spec(bf16);
+  }
+  for (gmtkDtype_t dtype : {GMTK_FLOAT32, GMTK_BFLOAT16}) {
+    StepSpec select = base;
+    select.call = Call::select;
+    select.grad_dtype = dtype;
+    select.ratio = 0.9;
+    select.shapes = flat(int64_t{1} << 24);
+    register_spec(select);
+  }
+  if (large) {  // SPEC: the oracle handles 1e8 entries a step in seconds
+    StepSpec step = base;
+    step.shapes = flat(100000000);
+    step.ratio = 0.9;
+    register_spec(step, 2);
+    StepSpec select = step;
+    select.call = Call::select;
+    register_spec(select, 2);
+  }
+}
+
+}  // namespace gmtk_bench

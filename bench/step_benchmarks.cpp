@@ -1,0 +1,75 @@
+#include "step_benchmarks.hpp"
+
+#include <sstream>
+
+namespace gmtk_bench {
+namespace {
+
+const char* optimizer_name(gmtkOptimizer_t optimizer) {
+  switch (optimizer) {
+    case GMTK_OPTIMIZER_ADAMW: return "adamw";
+    case GMTK_OPTIMIZER_ADAM: return "adam";
+    case GMTK_OPTIMIZER_SGD: return "sgd";
+  }
+  return "?";
+}
+
+const char* dtype_name(gmtkDtype_t dtype) {
+  return dtype == GMTK_FLOAT32 ? "fp32" : dtype == GMTK_FLOAT16 ? "fp16" : "bf16";
+}
+
+const char* call_name(Call call) {
+  switch (call) {
+    case Call::step: return "step";
+    case Call::select: return "select";
+    case Call::mask: return "mask";
+  }
+  return "?";
+}
+
+}  // namespace
+
+std::string StepSpec::name() const {
+  std::ostringstream out;
+  out << device << "/" << call_name(call) << "/" << optimizer_name(optimizer) << "_g" << dtype_name(grad_dtype)
+      << "_p" << dtype_name(param_dtype) << (master ? "_master" : "") << "/" << shapes.name << "/"
+      << distribution_name(distribution) << "/" << (scope == GMTK_SCOPE_GLOBAL ? "global" : "per_tensor") << "/"
+      << (mode == GMTK_MASK_FREEZE ? "freeze" : "mask_grad") << "/ratio:" << ratio;
+  return out.str();
+}
+
+StepSpec StepSpec::plain() const {
+  StepSpec spec = *this;
+  spec.call = Call::step;
+  spec.ratio = 0.0;
+  spec.scope = GMTK_SCOPE_PER_TENSOR;
+  spec.mode = GMTK_MASK_GRAD;
+  return spec;
+}
+
+StepSpec StepSpec::per_tensor() const {
+  StepSpec spec = *this;
+  spec.scope = GMTK_SCOPE_PER_TENSOR;
+  return spec;
+}
+
+double StepSpec::floor_bytes() const {
+  const double entries = static_cast<double>(shapes.total());
+  switch (call) {
+    case Call::step: return entries * step_floor_bytes_per_entry(optimizer, grad_dtype, param_dtype, master);
+    case Call::select: return entries * static_cast<double>(dtype_bytes(grad_dtype));
+    case Call::mask: return 2.0 * entries * static_cast<double>(dtype_bytes(grad_dtype));
+  }
+  return 0.0;
+}
+
+std::map<std::string, StepSpec>& registered_specs() {
+  static std::map<std::string, StepSpec> specs;
+  return specs;
+}
+
+std::string copy_benchmark_name(const std::string& device) {
+  return device == "gpu" ? "gpu/d2d_copy/bytes:1073741824" : "cpu/memcpy/bytes:268435456";
+}
+
+}  // namespace gmtk_bench

@@ -1,0 +1,51 @@
+// The benchmarks of a gmtk call (step, selection, mask) and their registry,
+// which the reporter uses to pair each run with its baseline.
+#pragma once
+
+#include <gmtk/gmtk.h>
+
+#include <map>
+#include <string>
+
+#include "bench_shapes.hpp"
+#include "gradient_values.hpp"
+
+namespace gmtk_bench {
+
+enum class Call { step, select, mask };
+
+struct StepSpec {
+  std::string device;  // "cpu" or "gpu"
+  Call call = Call::step;
+  gmtkOptimizer_t optimizer = GMTK_OPTIMIZER_ADAMW;
+  gmtkDtype_t grad_dtype = GMTK_FLOAT32;
+  gmtkDtype_t param_dtype = GMTK_FLOAT32;
+  bool master = false;
+  double ratio = 0.0;
+  gmtkScope_t scope = GMTK_SCOPE_PER_TENSOR;
+  gmtkMaskMode_t mode = GMTK_MASK_GRAD;
+  Distribution distribution = Distribution::student_t3;
+  ShapeList shapes;
+
+  std::string name() const;
+  // The same run as a plain step: ratio 0, per-tensor, mask-grad.
+  StepSpec plain() const;
+  // The same run with per-tensor scope.
+  StepSpec per_tensor() const;
+  // Bytes the run must move at the least (PERFORMANCE.md): the floor of a
+  // plain step for steps; one read of the gradients for selection; a read and
+  // a write of them for masking.
+  double floor_bytes() const;
+};
+
+// Every registered spec by benchmark name.
+std::map<std::string, StepSpec>& registered_specs();
+
+// The copy benchmark whose bandwidth is the roofline of each device.
+std::string copy_benchmark_name(const std::string& device);
+
+void register_cpu_benchmarks(bool large);
+// Returns false, with the reason, when no CUDA device is usable.
+bool register_gpu_benchmarks(int llama_layers, std::string* reason);
+
+}  // namespace gmtk_bench

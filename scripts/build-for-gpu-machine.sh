@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Prepares, on the build machine, what a lent GPU machine runs: an sm_90
+# Release build with static cudart and $ORIGIN rpaths in build-gpu/, with the
+# shared libraries the GPU machine lacks copied beside the binaries, and the
+# torch anchor script in .carry/. Then, with the device tool:
+#   run(command="bash scripts/gpu-check.sh $OUT build-gpu", carry=["build-gpu", ".carry"])
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cmake --preset gpu-machine
+cmake --build --preset gpu-machine
+# Debian ships Google Benchmark only as libbenchmark.so.1debian; the GPU image has none.
+benchmark_library=$(ldd build-gpu/bench/gmtk_bench | awk '/libbenchmark/ {print $3}')
+cp -L "$benchmark_library" build-gpu/bench/
+mkdir -p .carry
+if [ -f ../shared/tools/torch_anchors.py ]; then cp ../shared/tools/torch_anchors.py .carry/; fi
+# What travels must stay under the device tool's 64 MiB.
+du -sh build-gpu .carry
+for binary in build-gpu/libgmtk.so build-gpu/tests/gmtk_gpu_tests build-gpu/tests/gmtk_cpu_tests build-gpu/bench/gmtk_bench; do
+  echo "$binary: RUNPATH $(readelf -d "$binary" | awk '/RUNPATH|RPATH/ {print $NF}')"
+done

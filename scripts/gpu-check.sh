@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (PERFORMANCE.md): on a machine with a GPU, build
+# for it (or use a build carried here), run the GPU and CPU tests,
+# compute-sanitizer on the small GPU subset, and the GPU benchmarks (plus the
+# torch anchors when .carry/torch_anchors.py is present), writing everything
+# under OUTDIR. Aims to finish in well under 10 minutes.
+#
+# Usage: scripts/gpu-check.sh OUTDIR [BUILD_DIR]
+#   BUILD_DIR: a build to use as is (scripts/build-for-gpu-machine.sh makes
+#   build-gpu/); without it, builds here for the GPU that nvidia-smi reports
+#   (needs Catch2 and Google Benchmark on this machine).
+#
+# Writes (few files, as the device tool returns at most 8): check.log (all
+# steps), summary.txt, bench.json, ratios.json, anchors.json.
+set -uo pipefail
+out=${1:?usage: scripts/gpu-check.sh OUTDIR [BUILD_DIR]}
+build=${2:-}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+log="$out/check.log"
+summary="$out/summary.txt"
+: >"$log"
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+run_step() {  # run_step NAME COMMAND...: logs output, notes the exit status
+  local name=$1
+  shift
+  echo "==== $name: $*" >>"$log"
+  local start=$SECONDS
+  "$@" >>"$log" 2>&1
+  local status=$?
+  note "$(printf '%-28s exit %3d  %4ds' "$name" "$status" $((SECONDS - start)))"
+  return $status
+}
+
+note "gmtk GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv \
+  | tee -a "$summary"
+
+if [ -z "$build" ]; then
+  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '.')
+  build=build-gpu-check
+  run_step configure cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$arch"
+  run_step build cmake --build "$build"
+fi
+for binary in "$build"/libgmtk.so "$build"/tests/gmtk_gpu_tests "$build"/tests/gmtk_cpu_tests "$build"/bench/gmtk_bench; do
+  echo "==== ldd $binary" >>"$log"
+  ldd "$binary" >>"$log" 2>&1
+  if ldd "$binary" 2>&1 | grep -q "not found"; then note "MISSING LIBRARIES for $binary (see check.log)"; fi
+done
+
+run_step gpu_tests "$build"/tests/gmtk_gpu_tests --durations yes
+run_step cpu_tests "$build"/tests/gmtk_cpu_tests
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  run_step sanitizer_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$build"/tests/gmtk_gpu_tests "[small]"
+else
+  note "compute-sanitizer not found: memcheck not run"
+fi
+run_step bench timeout 420 "$build"/bench/gmtk_bench --benchmark_filter='^gpu/' --benchmark_min_time=0.2 \
+  --benchmark_out="$out/bench.json" --benchmark_out_format=json --gmtk_ratios_out="$out/ratios.json"
+sed -n '/^Ratios measured/,$p' "$log" >>"$summary"
+if [ -f .carry/torch_anchors.py ]; then
+  run_step torch_anchors timeout 150 python3 .carry/torch_anchors.py "$out" 2
+fi
+note "done in ${SECONDS}s"
