@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -88,6 +89,7 @@ struct Buffer {
   }
   // Stores `value` rounded to the dtype (nearest-even).
   void set(size_t i, float value) {
+    if ((i + 1) * element_size(dtype) > bytes.size()) throw std::out_of_range("Buffer::set");
     if (dtype == GMTK_FLOAT32) {
       std::memcpy(bytes.data() + i * 4, &value, 4);
       return;
