@@ -143,34 +143,7 @@ void register_cpu_benchmarks(bool large) {
   StepSpec base;
   base.device = "cpu";
   base.shapes = llama_shaped_mini(4);
-  for (double ratio : {0.0, 0.5, 0.9, 0.99}) {
-    StepSpec spec = base;
-    spec.ratio = ratio;
-    register_spec(spec);
-  }
-  StepSpec global = base;
-  global.ratio = 0.9;
-  global.scope = GMTK_SCOPE_GLOBAL;
-  register_spec(global);
-  StepSpec freeze = base;
-  freeze.ratio = 0.99;
-  freeze.mode = GMTK_MASK_FREEZE;
-  register_spec(freeze);
-  for (double ratio : {0.0, 0.9}) {
-    StepSpec bf16 = base;
-    bf16.grad_dtype = bf16.param_dtype = GMTK_BFLOAT16;
-    bf16.master = true;
-    bf16.ratio = ratio;
-    register_spec(bf16);
-  }
-  for (gmtkDtype_t dtype : {GMTK_FLOAT32, GMTK_BFLOAT16}) {
-    StepSpec select = base;
-    select.call = Call::select;
-    select.grad_dtype = dtype;
-    select.ratio = 0.9;
-    select.shapes = flat(int64_t{1} << 24);
-    register_spec(select);
-  }
+  for (const StepSpec& spec : standard_specs(base, {0.0, 0.5, 0.9, 0.99}, flat(int64_t{1} << 24))) register_spec(spec);
   if (large) {  // SPEC: the oracle handles 1e8 entries a step in seconds
     StepSpec step = base;
     step.shapes = flat(100000000);

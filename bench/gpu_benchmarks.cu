@@ -302,9 +302,7 @@ bool register_gpu_benchmarks(int llama_layers, std::string* reason) {
   StepSpec base;
   base.device = "gpu";
   base.shapes = llama2_7b_layers(llama_layers);
-  for (double ratio : {0.0, 0.2, 0.5, 0.8, 0.9, 0.99}) {
-    StepSpec spec = base;
-    spec.ratio = ratio;
+  for (const StepSpec& spec : standard_specs(base, {0.0, 0.2, 0.5, 0.8, 0.9, 0.99}, flat(1000000000))) {
     register_spec(spec);
   }
   for (Distribution d : {Distribution::gaussian, Distribution::quantized, Distribution::zeros}) {
@@ -313,34 +311,11 @@ bool register_gpu_benchmarks(int llama_layers, std::string* reason) {
     spec.ratio = 0.9;
     register_spec(spec);
   }
-  StepSpec global = base;
-  global.scope = GMTK_SCOPE_GLOBAL;
-  global.ratio = 0.9;
-  register_spec(global);
-  StepSpec freeze = base;
-  freeze.mode = GMTK_MASK_FREEZE;
-  freeze.ratio = 0.99;
-  register_spec(freeze);
-  for (double ratio : {0.0, 0.9}) {
-    StepSpec bf16 = base;
-    bf16.grad_dtype = bf16.param_dtype = GMTK_BFLOAT16;
-    bf16.master = true;
-    bf16.ratio = ratio;
-    register_spec(bf16);
-  }
   for (double ratio : {0.0, 0.9}) {  // launch overhead: 300 small tensors
     StepSpec small = base;
     small.shapes = many_small(300, 65536);
     small.ratio = ratio;
     register_spec(small);
-  }
-  for (gmtkDtype_t dtype : {GMTK_FLOAT32, GMTK_BFLOAT16}) {  // selection only over 1e9 entries
-    StepSpec select = base;
-    select.call = Call::select;
-    select.grad_dtype = dtype;
-    select.ratio = 0.9;
-    select.shapes = flat(1000000000);
-    register_spec(select);
   }
   return true;
 }

@@ -63,6 +63,35 @@ double StepSpec::floor_bytes() const {
   return 0.0;
 }
 
+std::vector<StepSpec> standard_specs(const StepSpec& base, const std::vector<double>& ratios,
+                                     const ShapeList& select_shapes) {
+  std::vector<StepSpec> specs;
+  for (double ratio : ratios) {
+    specs.push_back(base);
+    specs.back().ratio = ratio;
+  }
+  specs.push_back(base);
+  specs.back().ratio = 0.9;
+  specs.back().scope = GMTK_SCOPE_GLOBAL;
+  specs.push_back(base);
+  specs.back().ratio = 0.99;
+  specs.back().mode = GMTK_MASK_FREEZE;
+  for (double ratio : {0.0, 0.9}) {
+    specs.push_back(base);
+    specs.back().grad_dtype = specs.back().param_dtype = GMTK_BFLOAT16;
+    specs.back().master = true;
+    specs.back().ratio = ratio;
+  }
+  for (gmtkDtype_t dtype : {GMTK_FLOAT32, GMTK_BFLOAT16}) {
+    specs.push_back(base);
+    specs.back().call = Call::select;
+    specs.back().grad_dtype = dtype;
+    specs.back().ratio = 0.9;
+    specs.back().shapes = select_shapes;
+  }
+  return specs;
+}
+
 std::map<std::string, StepSpec>& registered_specs() {
   static std::map<std::string, StepSpec> specs;
   return specs;

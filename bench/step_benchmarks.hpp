@@ -6,6 +6,7 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 #include "bench_shapes.hpp"
 #include "gradient_values.hpp"
@@ -37,6 +38,13 @@ struct StepSpec {
   // a write of them for masking.
   double floor_bytes() const;
 };
+
+// The runs both devices measure on `base`: a step at each of `ratios`, global
+// scope at 0.9 and freeze mode at 0.99 (PERFORMANCE.md's targets), bf16
+// gradients and parameters with fp32 master weights at 0 and 0.9, and
+// selection alone at 0.9 for fp32 and bf16 gradients over `select_shapes`.
+std::vector<StepSpec> standard_specs(const StepSpec& base, const std::vector<double>& ratios,
+                                     const ShapeList& select_shapes);
 
 // Every registered spec by benchmark name.
 std::map<std::string, StepSpec>& registered_specs();
