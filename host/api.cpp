@@ -5,6 +5,7 @@
 #include <exception>
 #include <memory>
 #include <new>
+#include <vector>
 
 #include "backend.hpp"
 #include "plan.hpp"
@@ -33,8 +34,8 @@ gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepAr
   Call call{};
   GMTK_CHECK(validate_call_arguments(*plan, operation, args, workspace, workspace_bytes, stream, &call));
   if (operation == Operation::step) GMTK_CHECK(check_step_buffers(*plan));
-  Backend& backend = *plan->handle->backend;
-  GMTK_CHECK(backend.check_call_buffers(*plan, call));
+  Backend& backend = *plan->backend;
+  GMTK_CHECK(backend.check_reachable(call.buffers));
   if (plan->owned_workspace != nullptr && workspace == nullptr) {
     call.workspace = plan->owned_workspace;
     call.workspace_bytes = plan->owned_workspace_bytes;
@@ -141,10 +142,13 @@ gmtkStatus_t gmtkPlanCreate(gmtkHandle_t handle, const gmtkPlanConfig_t* config,
     GMTK_REQUIRE(handle != nullptr, "handle is NULL");
     GMTK_REQUIRE(plan != nullptr, "plan is NULL");
     auto created = std::make_unique<gmtkPlan>();
-    created->handle = handle;
+    created->backend = handle->backend;
     GMTK_CHECK(gmtk::build_plan(config, created.get()));
-    gmtk::Backend& backend = *handle->backend;
-    GMTK_CHECK(backend.check_plan_buffers(*created));
+    gmtk::Backend& backend = *created->backend;
+    GMTK_CHECK(backend.check_reachable(created->sorted_buffers));
+    std::vector<gmtk::BufferRange> scalars;
+    GMTK_CHECK(gmtk::group_scalar_ranges(created->groups, &scalars));
+    GMTK_CHECK(backend.check_reachable(scalars));
     if (config->flags & GMTK_PLAN_ALLOCATE_WORKSPACE) {
       size_t bytes = 0;
       GMTK_CHECK(backend.workspace_size(*created, &bytes));
@@ -172,7 +176,7 @@ gmtkStatus_t gmtkPlanGetWorkspaceSize(gmtkPlan_t plan, size_t* workspace_bytes) 
       return GMTK_SUCCESS;
     }
     size_t bytes = 0;
-    GMTK_CHECK(plan->handle->backend->workspace_size(*plan, &bytes));
+    GMTK_CHECK(plan->backend->workspace_size(*plan, &bytes));
     *workspace_bytes = bytes;
     return GMTK_SUCCESS;
   });
@@ -181,7 +185,9 @@ gmtkStatus_t gmtkPlanGetWorkspaceSize(gmtkPlan_t plan, size_t* workspace_bytes) 
 gmtkStatus_t gmtkPlanSetGroupHyperparams(gmtkPlan_t plan, int32_t group, const gmtkGroupConfig_t* config) {
   return guarded([&]() -> gmtkStatus_t {
     GMTK_REQUIRE(plan != nullptr, "plan is NULL");
-    GMTK_CHECK(gmtk::validate_group_change(*plan, group, config));
+    std::vector<gmtk::BufferRange> new_buffers;
+    GMTK_CHECK(gmtk::validate_group_change(*plan, group, config, &new_buffers));
+    GMTK_CHECK(plan->backend->check_reachable(new_buffers));
     plan->groups[group] = *config;
     return GMTK_SUCCESS;
   });

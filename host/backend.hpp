@@ -1,5 +1,6 @@
-// The layer between the C API (api.cpp) and the two backends: what a handle and
-// a plan hold, and the interface each backend implements.
+// The layer between the C API (api.cpp) and the two backends: what a handle
+// holds, what a validated call carries, and the interface each backend
+// implements.
 #pragma once
 
 #include <gmtk/gmtk.h>
@@ -13,37 +14,56 @@ namespace gmtk {
 
 struct Plan;
 
+// A caller buffer as an address interval, for overlap and reachability checks
+// and for messages.
+struct BufferRange {
+  enum class Owner : uint8_t { tensor, group, call };
+  uintptr_t begin;
+  uintptr_t end;
+  Owner owner;
+  int64_t index;      // of the tensor or group; unused for call buffers
+  const char* field;  // "grad", "lr_device", "args->thresholds", ...
+};
+
+// How messages name a buffer: "tensors[3].grad", "groups[1].lr_device", "args->thresholds".
+struct BufferName {
+  char text[64];
+};
+BufferName name_of(const BufferRange& range);
+
 enum class Operation { select_thresholds, mask_gradients, step };
 
-// One validated call: the caller's arguments plus the workspace to use
-// (the caller's, or the plan's own).
+// One validated call: the caller's arguments, the workspace to use (the
+// caller's, or the plan's own), and the call's own buffers (outputs, counter,
+// scale, workspace).
 struct Call {
   Operation operation;
   gmtkStepArgs_t args;
   void* workspace;
   size_t workspace_bytes;
   gmtkStream_t stream;
+  std::vector<BufferRange> buffers;
 };
 
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual gmtkBackend_t kind() const = 0;
-  // Checks that every buffer of a plan is memory this backend can reach.
-  virtual gmtkStatus_t check_plan_buffers(const Plan& plan) = 0;
-  // Checks that the call's scalar inputs and outputs are memory this backend can reach.
-  virtual gmtkStatus_t check_call_buffers(const Plan& plan, const Call& call) = 0;
+  // Checks that every range is memory this backend can reach. Called wherever
+  // a pointer enters: plan creation, schedule changes, each call.
+  virtual gmtkStatus_t check_reachable(const std::vector<BufferRange>& ranges) = 0;
   virtual gmtkStatus_t workspace_size(const Plan& plan, size_t* bytes) = 0;
   virtual gmtkStatus_t allocate_workspace(size_t bytes, void** workspace) = 0;
   virtual void free_workspace(void* workspace) = 0;
   virtual gmtkStatus_t run(const Plan& plan, const Call& call) = 0;
 };
 
-gmtkStatus_t make_cpu_reference_backend(std::unique_ptr<Backend>* backend);
-gmtkStatus_t make_cuda_backend(int device, std::unique_ptr<Backend>* backend);
+gmtkStatus_t make_cpu_reference_backend(std::shared_ptr<Backend>* backend);
+gmtkStatus_t make_cuda_backend(int device, std::shared_ptr<Backend>* backend);
 
 }  // namespace gmtk
 
+// Plans share the backend, so a handle and its plans may be destroyed in any order.
 struct gmtkHandle {
-  std::unique_ptr<gmtk::Backend> backend;
+  std::shared_ptr<gmtk::Backend> backend;
 };

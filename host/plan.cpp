@@ -1,12 +1,30 @@
 #include "plan.hpp"
 
 #include <algorithm>
+#include <cinttypes>
 #include <cmath>
+#include <cstdio>
 
 namespace gmtk {
 
 Plan::~Plan() {
-  if (owned_workspace != nullptr) handle->backend->free_workspace(owned_workspace);
+  if (owned_workspace != nullptr) backend->free_workspace(owned_workspace);
+}
+
+BufferName name_of(const BufferRange& range) {
+  BufferName name;
+  switch (range.owner) {
+    case BufferRange::Owner::tensor:
+      std::snprintf(name.text, sizeof(name.text), "tensors[%" PRId64 "].%s", range.index, range.field);
+      break;
+    case BufferRange::Owner::group:
+      std::snprintf(name.text, sizeof(name.text), "groups[%" PRId64 "].%s", range.index, range.field);
+      break;
+    case BufferRange::Owner::call:
+      std::snprintf(name.text, sizeof(name.text), "%s", range.field);
+      break;
+  }
+  return name;
 }
 
 uint64_t kept_target(double mask_ratio, uint64_t n) {

@@ -5,26 +5,16 @@
 #include "backend.hpp"
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace gmtk {
 
-// A caller buffer as an address interval, for overlap checks and messages.
-struct BufferRange {
-  enum class Owner : uint8_t { tensor, group, call };
-  uintptr_t begin;
-  uintptr_t end;
-  Owner owner;
-  int64_t index;      // of the tensor or group; unused for call buffers
-  const char* field;  // "grad", "lr_device", "args->thresholds", ...
-};
-
 struct Plan {
-  gmtkHandle* handle = nullptr;
+  std::shared_ptr<Backend> backend;
   std::vector<gmtkGroupConfig_t> groups;
   std::vector<gmtkTensor_t> tensors;
   std::vector<std::vector<int64_t>> tensors_of_group;
-  std::vector<uint64_t> numel_of_group;
   // Every non-empty tensor buffer, sorted by address (they are disjoint), so a
   // call's own buffers can be checked against them by binary search.
   std::vector<BufferRange> sorted_buffers;

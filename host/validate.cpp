@@ -34,27 +34,6 @@ bool is_aligned(const void* pointer, size_t alignment) {
   return reinterpret_cast<uintptr_t>(pointer) % alignment == 0;
 }
 
-// "tensors[3].grad" or "groups[1].lr_device" or "args->thresholds".
-struct BufferName {
-  char text[64];
-};
-
-BufferName name_of(const BufferRange& range) {
-  BufferName name;
-  switch (range.owner) {
-    case BufferRange::Owner::tensor:
-      std::snprintf(name.text, sizeof(name.text), "tensors[%" PRId64 "].%s", range.index, range.field);
-      break;
-    case BufferRange::Owner::group:
-      std::snprintf(name.text, sizeof(name.text), "groups[%" PRId64 "].%s", range.index, range.field);
-      break;
-    case BufferRange::Owner::call:
-      std::snprintf(name.text, sizeof(name.text), "%s", range.field);
-      break;
-  }
-  return name;
-}
-
 using Owner = BufferRange::Owner;
 
 // Checks pointer and alignment of one buffer and appends its range. A buffer of
@@ -101,20 +80,6 @@ gmtkStatus_t check_against(const std::vector<BufferRange>& sorted, const BufferR
   const BufferRange* other = find_overlap(sorted, range);
   GMTK_REQUIRE(other == nullptr, "%s overlaps %s; buffers must not overlap", name_of(range).text,
                other ? name_of(*other).text : "");
-  return GMTK_SUCCESS;
-}
-
-// Group scalars (lr_device) are read-only and may be shared between groups, but
-// must not alias a buffer that a call writes. Aligned 4-byte scalars are either
-// identical or disjoint, so the sorted list still works with find_overlap.
-gmtkStatus_t collect_group_scalars(const std::vector<gmtkGroupConfig_t>& groups, std::vector<BufferRange>* ranges) {
-  for (size_t g = 0; g < groups.size(); ++g) {
-    if (groups[g].lr_device == nullptr) continue;
-    GMTK_CHECK(add_buffer(groups[g].lr_device, sizeof(float), alignof(float), Owner::group, static_cast<int64_t>(g),
-                          "lr_device", ranges));
-  }
-  std::sort(ranges->begin(), ranges->end(),
-            [](const BufferRange& a, const BufferRange& b) { return a.begin < b.begin; });
   return GMTK_SUCCESS;
 }
 
@@ -177,6 +142,20 @@ gmtkStatus_t validate_handle_config(const gmtkHandleConfig_t* config) {
   if (config->backend == GMTK_BACKEND_CUDA) {
     GMTK_REQUIRE(config->device >= 0, "config->device is %d; it must be a CUDA device ordinal >= 0", config->device);
   }
+  return GMTK_SUCCESS;
+}
+
+// Group scalars (lr_device) are read-only and may be shared between groups, but
+// must not alias a buffer that a call writes. Aligned 4-byte scalars are either
+// identical or disjoint, so the sorted list still works with find_overlap.
+gmtkStatus_t group_scalar_ranges(const std::vector<gmtkGroupConfig_t>& groups, std::vector<BufferRange>* ranges) {
+  for (size_t g = 0; g < groups.size(); ++g) {
+    if (groups[g].lr_device == nullptr) continue;
+    GMTK_CHECK(add_buffer(groups[g].lr_device, sizeof(float), alignof(float), Owner::group, static_cast<int64_t>(g),
+                          "lr_device", ranges));
+  }
+  std::sort(ranges->begin(), ranges->end(),
+            [](const BufferRange& a, const BufferRange& b) { return a.begin < b.begin; });
   return GMTK_SUCCESS;
 }
 
@@ -255,11 +234,10 @@ gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
   GMTK_CHECK(sort_and_check_disjoint(&ranges));
 
   std::vector<BufferRange> scalars;
-  GMTK_CHECK(collect_group_scalars(groups, &scalars));
+  GMTK_CHECK(group_scalar_ranges(groups, &scalars));
   for (const BufferRange& scalar : scalars) GMTK_CHECK(check_against(ranges, scalar));
 
   std::vector<std::vector<int64_t>> tensors_of_group(groups.size());
-  std::vector<uint64_t> numel_of_group(groups.size(), 0);
   for (int64_t t = 0; t < config->num_tensors; ++t) {
     const gmtkTensor_t& tensor = tensors[t];
     const gmtkGroupConfig_t& group = groups[tensor.group];
@@ -275,18 +253,17 @@ gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
       }
     }
     tensors_of_group[tensor.group].push_back(t);
-    numel_of_group[tensor.group] += static_cast<uint64_t>(tensor.numel);
   }
 
   plan->groups = std::move(groups);
   plan->tensors = std::move(tensors);
   plan->tensors_of_group = std::move(tensors_of_group);
-  plan->numel_of_group = std::move(numel_of_group);
   plan->sorted_buffers = std::move(ranges);
   return GMTK_SUCCESS;
 }
 
-gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGroupConfig_t* config) {
+gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGroupConfig_t* config,
+                                   std::vector<BufferRange>* new_buffers) {
   const int32_t num_groups = static_cast<int32_t>(plan.groups.size());
   GMTK_REQUIRE(index >= 0 && index < num_groups, "group is %d; the plan has %d groups", index, num_groups);
   GMTK_REQUIRE(config != nullptr, "config is NULL");
@@ -302,9 +279,9 @@ gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGr
   GMTK_REQUIRE(config->mask_mode == current.mask_mode,
                "config->mask_mode differs from group %d's; the mask mode cannot change without a new plan", index);
   if (config->lr_device != nullptr) {
-    std::vector<BufferRange> scalar;
-    GMTK_CHECK(add_buffer(config->lr_device, sizeof(float), alignof(float), Owner::call, 0, "config->lr_device", &scalar));
-    GMTK_CHECK(check_against(plan.sorted_buffers, scalar.front()));
+    GMTK_CHECK(add_buffer(config->lr_device, sizeof(float), alignof(float), Owner::call, 0, "config->lr_device",
+                          new_buffers));
+    GMTK_CHECK(check_against(plan.sorted_buffers, new_buffers->back()));
   }
   return GMTK_SUCCESS;
 }
@@ -345,18 +322,20 @@ gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, cons
   }
   GMTK_CHECK(sort_and_check_disjoint(&written));
   std::vector<BufferRange> scalars;
-  GMTK_CHECK(collect_group_scalars(plan.groups, &scalars));
+  GMTK_CHECK(group_scalar_ranges(plan.groups, &scalars));
   for (const BufferRange& range : written) {
     GMTK_CHECK(check_against(plan.sorted_buffers, range));
     GMTK_CHECK(check_against(scalars, range));  // scalars may repeat; find_overlap needs only sorted begins
   }
+  std::vector<BufferRange> buffers = written;
   if (args->inv_loss_scale != nullptr) {
-    std::vector<BufferRange> scale;
-    GMTK_CHECK(add_buffer(args->inv_loss_scale, sizeof(float), alignof(float), Owner::call, 0, "args->inv_loss_scale", &scale));
-    GMTK_CHECK(check_against(plan.sorted_buffers, scale.front()));
-    GMTK_CHECK(check_against(written, scale.front()));
+    GMTK_CHECK(add_buffer(args->inv_loss_scale, sizeof(float), alignof(float), Owner::call, 0, "args->inv_loss_scale",
+                          &buffers));
+    GMTK_CHECK(check_against(plan.sorted_buffers, buffers.back()));
+    GMTK_CHECK(check_against(written, buffers.back()));
   }
 
+  call->buffers = std::move(buffers);
   call->operation = operation;
   call->args = *args;
   call->workspace = workspace;

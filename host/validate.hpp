@@ -16,11 +16,17 @@ gmtkStatus_t validate_group_config(const gmtkGroupConfig_t& group, const char* n
 // fills `plan` (groups, tensors, indexes, sorted buffers).
 gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan);
 
+// The groups' lr_device scalars, sorted by address (identical or disjoint).
+gmtkStatus_t group_scalar_ranges(const std::vector<gmtkGroupConfig_t>& groups, std::vector<BufferRange>* ranges);
+
 // Checks a schedule change of group `index`: only schedule fields may change.
-gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGroupConfig_t* config);
+// Appends the buffer the change brings in (its lr_device), for the backend's
+// reachability check.
+gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGroupConfig_t* config,
+                                   std::vector<BufferRange>* new_buffers);
 
 // Checks a call's arguments against the plan, except the workspace size,
-// which the backend decides; fills `call`.
+// which the backend decides; fills `call`, its buffers included.
 gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, const gmtkStepArgs_t* args,
                                      void* workspace, size_t workspace_bytes, gmtkStream_t stream, Call* call);
 

@@ -142,8 +142,7 @@ class ReferenceBackend final : public Backend {
 
   // Host memory cannot be told from a wild pointer without touching it; the
   // contract (docs/api.md) is that the CPU reference backend takes host memory.
-  gmtkStatus_t check_plan_buffers(const Plan&) override { return GMTK_SUCCESS; }
-  gmtkStatus_t check_call_buffers(const Plan&, const Call&) override { return GMTK_SUCCESS; }
+  gmtkStatus_t check_reachable(const std::vector<BufferRange>&) override { return GMTK_SUCCESS; }
 
   gmtkStatus_t workspace_size(const Plan& plan, size_t* bytes) override {
     *bytes = workspace_offsets(plan).required_bytes;
@@ -202,8 +201,8 @@ class ReferenceBackend final : public Backend {
 
 namespace gmtk {
 
-gmtkStatus_t make_cpu_reference_backend(std::unique_ptr<Backend>* backend) {
-  *backend = std::make_unique<reference::ReferenceBackend>();
+gmtkStatus_t make_cpu_reference_backend(std::shared_ptr<Backend>* backend) {
+  *backend = std::make_shared<reference::ReferenceBackend>();
   return GMTK_SUCCESS;
 }
 

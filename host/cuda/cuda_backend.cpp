@@ -4,8 +4,6 @@
 // rather than pretending.
 #include <cuda_runtime_api.h>
 
-#include <cinttypes>
-#include <cstdio>
 
 #include "../../kernels/arch_probe.hpp"
 #include "../backend.hpp"
@@ -48,33 +46,13 @@ class CudaBackend final : public Backend {
 
   gmtkBackend_t kind() const override { return GMTK_BACKEND_CUDA; }
 
-  gmtkStatus_t check_plan_buffers(const Plan& plan) override {
-    char name[64];
-    for (const BufferRange& range : plan.sorted_buffers) {
-      std::snprintf(name, sizeof(name), "tensors[%" PRId64 "].%s", range.index, range.field);
-      GMTK_CHECK(check_device_range(name, range.begin, range.end));
+  // Both ends of each range must be device (or managed) memory of this
+  // handle's device: a buffer that starts in one allocation and runs past it
+  // is caught at its last byte.
+  gmtkStatus_t check_reachable(const std::vector<BufferRange>& ranges) override {
+    for (const BufferRange& range : ranges) {
+      for (const uintptr_t address : {range.begin, range.end - 1}) GMTK_CHECK(check_device_address(range, address));
     }
-    for (size_t g = 0; g < plan.groups.size(); ++g) {
-      if (plan.groups[g].lr_device == nullptr) continue;
-      std::snprintf(name, sizeof(name), "groups[%zu].lr_device", g);
-      GMTK_CHECK(check_device_pointer(name, plan.groups[g].lr_device, sizeof(float)));
-    }
-    return GMTK_SUCCESS;
-  }
-
-  gmtkStatus_t check_call_buffers(const Plan& plan, const Call& call) override {
-    const gmtkStepArgs_t& args = call.args;
-    const size_t n = plan.tensors.size();
-    if (n > 0) {
-      GMTK_CHECK(check_device_pointer("args->thresholds", args.thresholds, n * sizeof(float)));
-      GMTK_CHECK(check_device_pointer("args->kept_counts", args.kept_counts, n * sizeof(int64_t)));
-    }
-    GMTK_CHECK(check_device_pointer("args->found_inf", args.found_inf, sizeof(float)));
-    GMTK_CHECK(check_device_pointer("args->inv_loss_scale", args.inv_loss_scale, sizeof(float)));
-    if (call.operation == Operation::step) {
-      GMTK_CHECK(check_device_pointer("args->step_count", args.step_count, sizeof(int64_t)));
-    }
-    GMTK_CHECK(check_device_pointer("workspace", call.workspace, call.workspace_bytes));
     return GMTK_SUCCESS;
   }
 
@@ -99,32 +77,22 @@ class CudaBackend final : public Backend {
   gmtkStatus_t run(const Plan&, const Call&) override { return fail(GMTK_ERROR_NOT_SUPPORTED, "%s", kKernelsMissing); }
 
  private:
-  gmtkStatus_t check_device_pointer(const char* name, const void* pointer, size_t bytes) {
-    if (pointer == nullptr || bytes == 0) return GMTK_SUCCESS;
-    const auto begin = reinterpret_cast<uintptr_t>(pointer);
-    return check_device_range(name, begin, begin + bytes);
-  }
-
-  // Both ends of [begin, end) must be device (or managed) memory of this
-  // handle's device: a buffer that starts in one allocation and runs past it
-  // is caught at its last byte.
-  gmtkStatus_t check_device_range(const char* name, uintptr_t begin, uintptr_t end) {
-    for (const uintptr_t address : {begin, end - 1}) {
-      cudaPointerAttributes attributes{};
-      const cudaError_t error = cudaPointerGetAttributes(&attributes, reinterpret_cast<const void*>(address));
-      if (error != cudaSuccess) {
-        cudaGetLastError();  // the query's error must not leak into the caller's next CUDA call
-        return fail(GMTK_ERROR_INVALID_ARGUMENT, "%s (%p): cudaPointerGetAttributes failed: %s", name,
-                    reinterpret_cast<const void*>(address), cudaGetErrorString(error));
-      }
-      const bool on_device = attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged;
-      GMTK_REQUIRE(on_device, "%s (%p) is %s memory; the CUDA backend needs device memory of device %d", name,
-                   reinterpret_cast<const void*>(address),
-                   attributes.type == cudaMemoryTypeHost ? "pinned host" : "unregistered host", device_);
-      GMTK_REQUIRE(attributes.type == cudaMemoryTypeManaged || attributes.device == device_,
-                   "%s (%p) is memory of device %d; this handle runs on device %d", name,
-                   reinterpret_cast<const void*>(address), attributes.device, device_);
+  gmtkStatus_t check_device_address(const BufferRange& range, uintptr_t address) {
+    const void* pointer = reinterpret_cast<const void*>(address);
+    cudaPointerAttributes attributes{};
+    const cudaError_t error = cudaPointerGetAttributes(&attributes, pointer);
+    if (error != cudaSuccess) {
+      cudaGetLastError();  // the query's error must not leak into the caller's next CUDA call
+      return fail(GMTK_ERROR_INVALID_ARGUMENT, "%s (%p): cudaPointerGetAttributes failed: %s", name_of(range).text,
+                  pointer, cudaGetErrorString(error));
     }
+    const bool on_device = attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged;
+    GMTK_REQUIRE(on_device, "%s (%p) is %s memory; the CUDA backend needs device memory of device %d",
+                 name_of(range).text, pointer,
+                 attributes.type == cudaMemoryTypeHost ? "pinned host" : "unregistered host", device_);
+    GMTK_REQUIRE(attributes.type == cudaMemoryTypeManaged || attributes.device == device_,
+                 "%s (%p) is memory of device %d; this handle runs on device %d", name_of(range).text, pointer,
+                 attributes.device, device_);
     return GMTK_SUCCESS;
   }
 
@@ -133,7 +101,7 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-gmtkStatus_t make_cuda_backend(int device, std::unique_ptr<Backend>* backend) {
+gmtkStatus_t make_cuda_backend(int device, std::shared_ptr<Backend>* backend) {
   int count = 0;
   const cudaError_t count_error = cudaGetDeviceCount(&count);
   if (count_error != cudaSuccess) {
@@ -162,7 +130,7 @@ gmtkStatus_t make_cuda_backend(int device, std::unique_ptr<Backend>* backend) {
                 device, properties.name, properties.major, properties.minor, GMTK_CUDA_ARCHITECTURES,
                 cudaGetErrorString(probe_error));
   }
-  *backend = std::make_unique<CudaBackend>(device);
+  *backend = std::make_shared<CudaBackend>(device);
   return GMTK_SUCCESS;
 }
 

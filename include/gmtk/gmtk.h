@@ -110,7 +110,8 @@ typedef struct {
 /* A CUDA handle checks that the device exists and that this build carries code
  * for its architecture (else GMTK_ERROR_DEVICE_UNAVAILABLE). */
 GMTK_API gmtkStatus_t gmtkHandleCreate(gmtkHandle_t* handle, const gmtkHandleConfig_t* config);
-/* Destroy plans made from a handle before the handle. NULL is accepted. */
+/* Plans made from the handle stay usable: handles and plans may be destroyed
+ * in any order. NULL is accepted. */
 GMTK_API gmtkStatus_t gmtkHandleDestroy(gmtkHandle_t handle);
 GMTK_API gmtkStatus_t gmtkHandleGetBackend(gmtkHandle_t handle, gmtkBackend_t* backend);
 

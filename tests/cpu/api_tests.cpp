@@ -81,6 +81,22 @@ TEST_CASE("CPU reference handles report their backend; NULL handles and plans ma
   CHECK(gmtkPlanDestroy(nullptr) == GMTK_SUCCESS);
 }
 
+TEST_CASE("a plan outlives the handle it was made from", "[api]") {
+  TensorData data(100, GMTK_FLOAT32, GMTK_FLOAT32);
+  fill(data.grad, Distribution::gaussian, 1);
+  gmtkHandleConfig_t config = GMTK_HANDLE_CONFIG_INIT;
+  config.backend = GMTK_BACKEND_CPU_REFERENCE;
+  gmtkHandle_t handle = nullptr;
+  GMTK_REQUIRE_OK(gmtkHandleCreate(&handle, &config));
+  gmtkPlan_t plan = nullptr;
+  GMTK_REQUIRE_OK(Plan::create(handle, {group_config(GMTK_OPTIMIZER_ADAMW, 0.5)}, {data.describe(0)},
+                               GMTK_PLAN_ALLOCATE_WORKSPACE, &plan));
+  GMTK_REQUIRE_OK(gmtkHandleDestroy(handle));
+  gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+  GMTK_REQUIRE_OK(gmtkStep(plan, &args, nullptr, 0, nullptr));
+  GMTK_REQUIRE_OK(gmtkPlanDestroy(plan));
+}
+
 TEST_CASE("a CUDA handle is made or refused with a reason, never half-made", "[api]") {
   gmtkHandleConfig_t config = GMTK_HANDLE_CONFIG_INIT;
   gmtkHandle_t handle = nullptr;

@@ -134,6 +134,17 @@ TEST_CASE("selection, masking and steps report NOT_SUPPORTED until the kernels l
   CHECK(gmtkStep(plan, &args, nullptr, 0, nullptr) == GMTK_ERROR_INVALID_ARGUMENT);
   CHECK(mentions("args->thresholds"));
 
+  // A schedule change brings a new pointer in: it is checked like the plan's.
+  gmtkGroupConfig_t group;
+  gmtkGroupConfigInit(&group, GMTK_OPTIMIZER_ADAMW);
+  group.mask_ratio = 0.5;
+  const float host_lr = 1e-3f;
+  group.lr_device = &host_lr;
+  CHECK(gmtkPlanSetGroupHyperparams(plan, 0, &group) == GMTK_ERROR_INVALID_ARGUMENT);
+  CHECK(mentions("config->lr_device"));
+  group.lr_device = outputs.f32() + 8;
+  CHECK(gmtkPlanSetGroupHyperparams(plan, 0, &group) == GMTK_SUCCESS);
+
   gmtkPlanDestroy(plan);
   gmtkHandleDestroy(handle);
   CHECK(cudaGetLastError() == cudaSuccess);  // gmtk leaves no sticky error behind
