@@ -69,12 +69,7 @@ void run_cpu_call(benchmark::State& state, const StepSpec& spec) {
     }
   }
 
-  gmtkGroupConfig_t group;
-  gmtkGroupConfigInit(&group, spec.optimizer);
-  group.mask_ratio = spec.ratio;
-  group.scope = spec.scope;
-  group.mask_mode = spec.mode;
-  if (spec.optimizer == GMTK_OPTIMIZER_SGD) group.momentum = 0.9;
+  const gmtkGroupConfig_t group = spec.group();
   gmtkHandleConfig_t handle_config = GMTK_HANDLE_CONFIG_INIT;
   handle_config.backend = GMTK_BACKEND_CPU_REFERENCE;
   gmtkHandle_t handle = nullptr;
@@ -97,13 +92,7 @@ void run_cpu_call(benchmark::State& state, const StepSpec& spec) {
   int64_t step = 0;
   for (auto _ : state) {
     args.step = ++step;
-    gmtkStatus_t status = GMTK_SUCCESS;
-    switch (spec.call) {
-      case Call::step: status = gmtkStep(plan, &args, nullptr, 0, nullptr); break;
-      case Call::select: status = gmtkSelectThresholds(plan, &args, nullptr, 0, nullptr); break;
-      case Call::mask: status = gmtkMaskGradients(plan, &args, nullptr, 0, nullptr); break;
-    }
-    if (status != GMTK_SUCCESS) {
+    if (spec.invoke(plan, args, nullptr, 0, nullptr) != GMTK_SUCCESS) {
       state.SkipWithError(gmtkGetLastErrorMessage());
       break;
     }

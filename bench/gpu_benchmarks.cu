@@ -138,26 +138,6 @@ void launch_fill(gmtkDtype_t dtype, void* out, Fill&& fill) {
   }
 }
 
-gmtkStatus_t run_call(const StepSpec& spec, gmtkPlan_t plan, const gmtkStepArgs_t& args, void* workspace,
-                      size_t workspace_bytes, cudaStream_t stream) {
-  switch (spec.call) {
-    case Call::step: return gmtkStep(plan, &args, workspace, workspace_bytes, stream);
-    case Call::select: return gmtkSelectThresholds(plan, &args, workspace, workspace_bytes, stream);
-    case Call::mask: return gmtkMaskGradients(plan, &args, workspace, workspace_bytes, stream);
-  }
-  return GMTK_ERROR_INTERNAL;
-}
-
-gmtkGroupConfig_t group_of(const StepSpec& spec) {
-  gmtkGroupConfig_t group;
-  gmtkGroupConfigInit(&group, spec.optimizer);
-  group.mask_ratio = spec.ratio;
-  group.scope = spec.scope;
-  group.mask_mode = spec.mode;
-  if (spec.optimizer == GMTK_OPTIMIZER_SGD) group.momentum = 0.9;
-  return group;
-}
-
 // Asks a one-tensor plan for its workspace size: cheap, and tells whether the
 // CUDA backend runs this configuration before gigabytes are allocated.
 bool backend_supports(gmtkHandle_t handle, const StepSpec& spec, std::string* reason) {
@@ -167,7 +147,7 @@ bool backend_supports(gmtkHandle_t handle, const StepSpec& spec, std::string* re
   tensor.grad_dtype = spec.grad_dtype;
   tensor.param_dtype = spec.param_dtype;
   tensor.grad = memory.allocate(256 * sizeof(float));
-  const gmtkGroupConfig_t group = group_of(spec);
+  const gmtkGroupConfig_t group = spec.group();
   gmtkPlanConfig_t config = GMTK_PLAN_CONFIG_INIT;
   config.groups = &group;
   config.num_groups = 1;
@@ -236,7 +216,7 @@ void gpu_call(benchmark::State& state, const StepSpec& spec) {
     return;
   }
 
-  const gmtkGroupConfig_t group = group_of(spec);
+  const gmtkGroupConfig_t group = spec.group();
   gmtkPlanConfig_t plan_config = GMTK_PLAN_CONFIG_INIT;
   plan_config.groups = &group;
   plan_config.num_groups = 1;
@@ -262,7 +242,7 @@ void gpu_call(benchmark::State& state, const StepSpec& spec) {
   for (auto _ : state) {
     args.step = ++step;
     gmtkStatus_t status = GMTK_SUCCESS;
-    const double seconds = timer.time(nullptr, [&] { status = run_call(spec, plan, args, workspace, workspace_bytes, nullptr); });
+    const double seconds = timer.time(nullptr, [&] { status = spec.invoke(plan, args, workspace, workspace_bytes, nullptr); });
     if (status != GMTK_SUCCESS) {
       state.SkipWithError(gmtkGetLastErrorMessage());
       break;

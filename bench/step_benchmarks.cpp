@@ -38,6 +38,26 @@ std::string StepSpec::name() const {
   return out.str();
 }
 
+gmtkGroupConfig_t StepSpec::group() const {
+  gmtkGroupConfig_t group;
+  gmtkGroupConfigInit(&group, optimizer);
+  group.mask_ratio = ratio;
+  group.scope = scope;
+  group.mask_mode = mode;
+  if (optimizer == GMTK_OPTIMIZER_SGD) group.momentum = 0.9;
+  return group;
+}
+
+gmtkStatus_t StepSpec::invoke(gmtkPlan_t plan, const gmtkStepArgs_t& args, void* workspace, size_t workspace_bytes,
+                              gmtkStream_t stream) const {
+  switch (call) {
+    case Call::step: return gmtkStep(plan, &args, workspace, workspace_bytes, stream);
+    case Call::select: return gmtkSelectThresholds(plan, &args, workspace, workspace_bytes, stream);
+    case Call::mask: return gmtkMaskGradients(plan, &args, workspace, workspace_bytes, stream);
+  }
+  return GMTK_ERROR_INTERNAL;
+}
+
 StepSpec StepSpec::plain() const {
   StepSpec spec = *this;
   spec.call = Call::step;

@@ -29,6 +29,11 @@ struct StepSpec {
   ShapeList shapes;
 
   std::string name() const;
+  // The group config of the run: torch defaults (SGD with momentum 0.9) plus ratio, scope and mode.
+  gmtkGroupConfig_t group() const;
+  // Calls the gmtk entry point of `call`.
+  gmtkStatus_t invoke(gmtkPlan_t plan, const gmtkStepArgs_t& args, void* workspace, size_t workspace_bytes,
+                      gmtkStream_t stream) const;
   // The same run as a plain step: ratio 0, per-tensor, mask-grad.
   StepSpec plain() const;
   // The same run with per-tensor scope.
