@@ -22,37 +22,29 @@ struct ShapeList {
   }
 };
 
-// Llama-2-7B's parameter list with `layers` decoder layers: embedding
-// 32000x4096, per layer q/k/v/o 4096x4096, gate/up 11008x4096, down
-// 4096x11008, two norms of 4096; a final norm and the lm_head.
-inline ShapeList llama2_7b_layers(int layers) {
-  ShapeList list{"llama2_7b_" + std::to_string(layers) + "layers", {}};
-  list.numels.push_back(int64_t{32000} * 4096);
+// A Llama-shaped parameter list: embedding vocab x hidden; per decoder layer
+// q/k/v/o hidden x hidden, gate/up intermediate x hidden, down hidden x
+// intermediate, two norms of hidden; a final norm and the lm_head.
+inline ShapeList llama_shaped(const std::string& name, int layers, int64_t vocab, int64_t hidden,
+                              int64_t intermediate) {
+  ShapeList list{name + "_" + std::to_string(layers) + "layers", {}};
+  list.numels.push_back(vocab * hidden);
   for (int l = 0; l < layers; ++l) {
-    for (int i = 0; i < 4; ++i) list.numels.push_back(int64_t{4096} * 4096);
-    for (int i = 0; i < 3; ++i) list.numels.push_back(int64_t{11008} * 4096);
-    list.numels.push_back(4096);
-    list.numels.push_back(4096);
+    for (int i = 0; i < 4; ++i) list.numels.push_back(hidden * hidden);
+    for (int i = 0; i < 3; ++i) list.numels.push_back(intermediate * hidden);
+    list.numels.push_back(hidden);
+    list.numels.push_back(hidden);
   }
-  list.numels.push_back(4096);
-  list.numels.push_back(int64_t{32000} * 4096);
+  list.numels.push_back(hidden);
+  list.numels.push_back(vocab * hidden);
   return list;
 }
 
-// The same layer structure at width/16 (embedding 2000x256, ...): a CPU-sized model.
-inline ShapeList llama_shaped_mini(int layers) {
-  ShapeList list{"llama_mini_" + std::to_string(layers) + "layers", {}};
-  list.numels.push_back(int64_t{2000} * 256);
-  for (int l = 0; l < layers; ++l) {
-    for (int i = 0; i < 4; ++i) list.numels.push_back(int64_t{256} * 256);
-    for (int i = 0; i < 3; ++i) list.numels.push_back(int64_t{688} * 256);
-    list.numels.push_back(256);
-    list.numels.push_back(256);
-  }
-  list.numels.push_back(256);
-  list.numels.push_back(int64_t{2000} * 256);
-  return list;
-}
+// Llama-2-7B with `layers` decoder layers.
+inline ShapeList llama2_7b_layers(int layers) { return llama_shaped("llama2_7b", layers, 32000, 4096, 11008); }
+
+// The same structure at width/16: a CPU-sized model.
+inline ShapeList llama_shaped_mini(int layers) { return llama_shaped("llama_mini", layers, 2000, 256, 688); }
 
 inline ShapeList flat(int64_t numel) { return {"flat_" + std::to_string(numel), {numel}}; }
 
