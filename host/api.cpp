@@ -149,6 +149,7 @@ gmtkStatus_t gmtkPlanCreate(gmtkHandle_t handle, const gmtkPlanConfig_t* config,
     std::vector<gmtk::BufferRange> scalars;
     GMTK_CHECK(gmtk::group_scalar_ranges(created->groups, &scalars));
     GMTK_CHECK(backend.check_reachable(scalars));
+    GMTK_CHECK(backend.prepare_plan(*created));
     if (config->flags & GMTK_PLAN_ALLOCATE_WORKSPACE) {
       size_t bytes = 0;
       GMTK_CHECK(backend.workspace_size(*created, &bytes));

@@ -45,10 +45,19 @@ struct Call {
   std::vector<BufferRange> buffers;
 };
 
+// What a backend keeps for a plan beyond the validated configs (the CUDA
+// backend's device tables). Destroyed with the plan.
+class BackendPlanState {
+ public:
+  virtual ~BackendPlanState() = default;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual gmtkBackend_t kind() const = 0;
+  // Builds the backend's state of a validated plan (once, at gmtkPlanCreate).
+  virtual gmtkStatus_t prepare_plan(Plan& plan) = 0;
   // Checks that every range is memory this backend can reach. Called wherever
   // a pointer enters: plan creation, schedule changes, each call.
   virtual gmtkStatus_t check_reachable(const std::vector<BufferRange>& ranges) = 0;

@@ -9,6 +9,7 @@ namespace gmtk {
 
 Plan::~Plan() {
   if (owned_workspace != nullptr) backend->free_workspace(owned_workspace);
+  backend_state.reset();  // before `backend`, which its destructor may still use
 }
 
 BufferName name_of(const BufferRange& range) {

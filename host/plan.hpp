@@ -20,6 +20,7 @@ struct Plan {
   std::vector<BufferRange> sorted_buffers;
   void* owned_workspace = nullptr;  // with GMTK_PLAN_ALLOCATE_WORKSPACE
   size_t owned_workspace_bytes = 0;
+  std::unique_ptr<BackendPlanState> backend_state;  // Backend::prepare_plan's
 
   ~Plan();
 };

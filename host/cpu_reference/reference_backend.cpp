@@ -144,6 +144,8 @@ class ReferenceBackend final : public Backend {
   // contract (docs/api.md) is that the CPU reference backend takes host memory.
   gmtkStatus_t check_reachable(const std::vector<BufferRange>&) override { return GMTK_SUCCESS; }
 
+  gmtkStatus_t prepare_plan(Plan&) override { return GMTK_SUCCESS; }
+
   gmtkStatus_t workspace_size(const Plan& plan, size_t* bytes) override {
     *bytes = workspace_offsets(plan).required_bytes;
     return GMTK_SUCCESS;

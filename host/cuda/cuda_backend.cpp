@@ -1,14 +1,20 @@
-// The CUDA backend: device checks, pointer checks and workspace allocation.
-// The selection and update kernels are the next milestones (docs/design.md);
-// until they land, workspace queries and calls return GMTK_ERROR_NOT_SUPPORTED
-// rather than pretending.
+// The CUDA backend: device and pointer checks, the plan's device tables, the
+// workspace, and the selection engine's launches (kernels/selection_*).
+// gmtkStep's fused update is the next milestone (docs/design.md); until it
+// lands, gmtkStep answers GMTK_ERROR_NOT_SUPPORTED rather than pretending.
 #include <cuda_runtime_api.h>
 
+#include <cinttypes>
+#include <cstring>
+#include <vector>
 
 #include "../../kernels/arch_probe.hpp"
+#include "../../kernels/selection_kernels.hpp"
+#include "../../kernels/selection_plan.hpp"
 #include "../backend.hpp"
 #include "../plan.hpp"
 #include "../status.hpp"
+#include "../workspace.hpp"
 
 #ifndef GMTK_CUDA_ARCHITECTURES
 #define GMTK_CUDA_ARCHITECTURES "unknown"
@@ -17,9 +23,16 @@
 namespace gmtk {
 namespace {
 
-constexpr const char* kKernelsMissing =
-    "the CUDA backend's selection and update kernels are not implemented yet in this version of gmtk; "
-    "use GMTK_BACKEND_CPU_REFERENCE (docs/api.md, 'Status of the backends')";
+constexpr const char* kStepMissing =
+    "gmtkStep's fused update is not implemented yet on the CUDA backend in this version of gmtk "
+    "(gmtkSelectThresholds and gmtkMaskGradients are); use GMTK_BACKEND_CPU_REFERENCE for steps "
+    "(docs/api.md, 'Status of the backends')";
+
+gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
+  cudaGetLastError();  // a launch error must not stay behind for the caller's next CUDA call
+  return fail(error == cudaErrorMemoryAllocation ? GMTK_ERROR_OUT_OF_MEMORY : GMTK_ERROR_CUDA, "%s failed: %s",
+              what, cudaGetErrorString(error));
+}
 
 // Restores the caller's current device on scope exit: gmtk never leaves it changed.
 class CurrentDeviceGuard {
@@ -40,9 +53,77 @@ class CurrentDeviceGuard {
   bool restore_ = false;
 };
 
+// Device memory of a plan's tables, freed with it.
+class DeviceTables {
+ public:
+  explicit DeviceTables(int device) : device_(device) {}
+  ~DeviceTables() {
+    CurrentDeviceGuard guard(device_);
+    cudaFree(memory_);
+  }
+  DeviceTables(const DeviceTables&) = delete;
+  DeviceTables& operator=(const DeviceTables&) = delete;
+
+  // Copies the tables to one device allocation; fills the table pointers of `launch`.
+  gmtkStatus_t upload(const kernels::SelectionTables& tables, kernels::SelectionLaunch* launch) {
+    WorkspaceLayout layout;
+    const size_t tensors = layout.reserve(tables.tensors.size() * sizeof(kernels::TensorRecord));
+    const size_t sets = layout.reserve(tables.sets.size() * sizeof(kernels::SetRecord));
+    const size_t members = layout.reserve(tables.members.size() * sizeof(uint32_t));
+    const size_t chunks = layout.reserve(tables.chunks.size() * sizeof(kernels::ChunkRecord));
+    const size_t large_sets = layout.reserve(tables.large_sets.size() * sizeof(uint32_t));
+    const size_t small_sets = layout.reserve(tables.small_sets.size() * sizeof(uint32_t));
+    const size_t bytes = layout.required_bytes();
+    if (bytes == 0) return GMTK_SUCCESS;
+    std::vector<unsigned char> image(bytes);
+    unsigned char* host_base = WorkspaceLayout::aligned_base(image.data());
+    const auto put = [&](size_t offset, const void* data, size_t size) {
+      if (size != 0) std::memcpy(host_base + offset, data, size);
+    };
+    put(tensors, tables.tensors.data(), tables.tensors.size() * sizeof(kernels::TensorRecord));
+    put(sets, tables.sets.data(), tables.sets.size() * sizeof(kernels::SetRecord));
+    put(members, tables.members.data(), tables.members.size() * sizeof(uint32_t));
+    put(chunks, tables.chunks.data(), tables.chunks.size() * sizeof(kernels::ChunkRecord));
+    put(large_sets, tables.large_sets.data(), tables.large_sets.size() * sizeof(uint32_t));
+    put(small_sets, tables.small_sets.data(), tables.small_sets.size() * sizeof(uint32_t));
+
+    CurrentDeviceGuard guard(device_);
+    cudaError_t error = cudaMalloc(&memory_, bytes);
+    if (error != cudaSuccess) return cuda_failure("cudaMalloc of the plan's device tables", error);
+    // Offsets are from the aligned base on both sides; the payload is what
+    // follows it (the size asked for includes the alignment slack).
+    unsigned char* device_base = WorkspaceLayout::aligned_base(memory_);
+    const size_t payload = bytes - (WorkspaceLayout::kAlignment - 1);
+    error = cudaMemcpy(device_base, host_base, payload, cudaMemcpyHostToDevice);
+    if (error != cudaSuccess) return cuda_failure("uploading the plan's device tables", error);
+    launch->tensors = reinterpret_cast<const kernels::TensorRecord*>(device_base + tensors);
+    launch->sets = reinterpret_cast<const kernels::SetRecord*>(device_base + sets);
+    launch->members = reinterpret_cast<const uint32_t*>(device_base + members);
+    launch->chunks = reinterpret_cast<const kernels::ChunkRecord*>(device_base + chunks);
+    launch->large_sets = reinterpret_cast<const uint32_t*>(device_base + large_sets);
+    launch->small_sets = reinterpret_cast<const uint32_t*>(device_base + small_sets);
+    return GMTK_SUCCESS;
+  }
+
+ private:
+  int device_;
+  void* memory_ = nullptr;
+};
+
+// A CUDA plan's state: the host copy of its tables (for the schedule), their
+// device copy, the workspace layout and the launch parameters that do not
+// change between calls.
+struct CudaPlanState final : BackendPlanState {
+  explicit CudaPlanState(int device) : device_tables(device) {}
+  kernels::SelectionTables tables;
+  DeviceTables device_tables;
+  kernels::SelectionWorkspace workspace{};
+  kernels::SelectionLaunch launch{};
+};
+
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device) : device_(device) {}
+  CudaBackend(int device, const kernels::SelectionOccupancy& occupancy) : device_(device), occupancy_(occupancy) {}
 
   gmtkBackend_t kind() const override { return GMTK_BACKEND_CUDA; }
 
@@ -56,7 +137,29 @@ class CudaBackend final : public Backend {
     return GMTK_SUCCESS;
   }
 
-  gmtkStatus_t workspace_size(const Plan&, size_t*) override { return fail(GMTK_ERROR_NOT_SUPPORTED, "%s", kKernelsMissing); }
+  gmtkStatus_t prepare_plan(Plan& plan) override {
+    if (plan.groups.size() > static_cast<size_t>(kernels::kMaxGroupsOnCuda)) {
+      return fail(GMTK_ERROR_NOT_SUPPORTED, "config->num_groups is %zu; the CUDA backend takes at most %d groups",
+                  plan.groups.size(), kernels::kMaxGroupsOnCuda);
+    }
+    if (plan.tensors.size() > 0x7FFFFFFFu) {
+      return fail(GMTK_ERROR_NOT_SUPPORTED, "config->num_tensors is %zu; the CUDA backend takes at most 2^31 - 1",
+                  plan.tensors.size());
+    }
+    auto state = std::make_unique<CudaPlanState>(device_);
+    state->tables = kernels::build_selection_tables(plan.groups, plan.tensors, kernels::SelectionTuning{});
+    state->workspace = kernels::selection_workspace(state->tables);
+    kernels::SelectionLaunch& launch = state->launch;
+    kernels::bind_table_sizes(state->tables, &launch);
+    GMTK_CHECK(state->device_tables.upload(state->tables, &launch));
+    plan.backend_state = std::move(state);
+    return GMTK_SUCCESS;
+  }
+
+  gmtkStatus_t workspace_size(const Plan& plan, size_t* bytes) override {
+    *bytes = state_of(plan).workspace.required_bytes;
+    return GMTK_SUCCESS;
+  }
 
   gmtkStatus_t allocate_workspace(size_t bytes, void** workspace) override {
     CurrentDeviceGuard guard(device_);
@@ -74,9 +177,30 @@ class CudaBackend final : public Backend {
     cudaFree(workspace);
   }
 
-  gmtkStatus_t run(const Plan&, const Call&) override { return fail(GMTK_ERROR_NOT_SUPPORTED, "%s", kKernelsMissing); }
+  // Enqueues the call on the caller's stream: no allocation, no host
+  // synchronization, a launch count that does not grow with the tensors.
+  gmtkStatus_t run(const Plan& plan, const Call& call) override {
+    if (call.operation == Operation::step) return fail(GMTK_ERROR_NOT_SUPPORTED, "%s", kStepMissing);
+    const CudaPlanState& state = state_of(plan);
+
+    kernels::SelectionLaunch launch = state.launch;
+    unsigned char* base = WorkspaceLayout::aligned_base(call.workspace);
+    const kernels::SelectionWorkspace& workspace = state.workspace;
+    const kernels::SelectionSchedule schedule = kernels::bind_call(
+        state.tables, workspace, base, plan.groups, call.args, call.operation == Operation::mask_gradients, &launch);
+
+    CurrentDeviceGuard guard(device_);
+    const cudaError_t error = kernels::launch_selection(launch, schedule, base, workspace.zeroed_bytes, occupancy_,
+                                                        reinterpret_cast<cudaStream_t>(call.stream));
+    if (error != cudaSuccess) return cuda_failure("launching the selection kernels", error);
+    return GMTK_SUCCESS;
+  }
 
  private:
+  static const CudaPlanState& state_of(const Plan& plan) {
+    return static_cast<const CudaPlanState&>(*plan.backend_state);
+  }
+
   gmtkStatus_t check_device_address(const BufferRange& range, uintptr_t address) {
     const void* pointer = reinterpret_cast<const void*>(address);
     cudaPointerAttributes attributes{};
@@ -97,6 +221,7 @@ class CudaBackend final : public Backend {
   }
 
   int device_;
+  kernels::SelectionOccupancy occupancy_;
 };
 
 }  // namespace
@@ -130,7 +255,10 @@ gmtkStatus_t make_cuda_backend(int device, std::shared_ptr<Backend>* backend) {
                 device, properties.name, properties.major, properties.minor, GMTK_CUDA_ARCHITECTURES,
                 cudaGetErrorString(probe_error));
   }
-  *backend = std::make_shared<CudaBackend>(device);
+  kernels::SelectionOccupancy occupancy;
+  const cudaError_t configure_error = kernels::configure_selection_kernels(device, &occupancy);
+  if (configure_error != cudaSuccess) return cuda_failure("configuring the selection kernels", configure_error);
+  *backend = std::make_shared<CudaBackend>(device, occupancy);
   return GMTK_SUCCESS;
 }
 

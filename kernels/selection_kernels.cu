@@ -1,0 +1,410 @@
+// The selection engine's kernels: thin loops, shared memory and atomics
+// around the decisions of selection_logic.hpp, launched in the order of
+// selection_schedule() (docs/design.md, "Selection"). Every index is 64-bit.
+#include "selection_kernels.hpp"
+
+#include "selection_passes.hpp"
+
+#include <cuda_runtime.h>
+
+namespace gmtk::kernels {
+namespace {
+
+// Launch shapes, in one place.
+struct SelectionPolicy {
+  static constexpr int kHistogramThreads = 1024;  // passes A, B, C: persistent blocks over the chunk table
+  static constexpr int kScanThreads = 256;        // one block per large set
+  static constexpr int kSmallSetThreads = 512;    // one block per small set
+  static constexpr int kApplyThreads = 256;
+  static constexpr int kOutputThreads = 256;
+  // Pass B stages candidate keys in shared memory and appends them with one
+  // global atomic per flush; one loop round adds at most one 16-byte vector
+  // (4 fp32 keys) per thread.
+  static constexpr uint32_t kStageKeys = 8192;
+  static constexpr uint32_t kStageFlushAt = kStageKeys - 4 * kHistogramThreads;
+};
+
+// Up to 8 stored gradients of one item, zero-extended to 32 bits.
+struct ItemValues {
+  uint32_t raw[8];
+  uint32_t count;
+};
+
+__device__ __forceinline__ ItemValues load_item(uint64_t base, uint32_t dtype, Range entries) {
+  ItemValues item;
+  item.count = static_cast<uint32_t>(entries.end - entries.begin);
+  const uint32_t element_bytes = dtype_bytes(dtype);
+  const uint64_t address = base + entries.begin * element_bytes;
+  if (item.count == 1) {
+    item.raw[0] = element_bytes == 4 ? *reinterpret_cast<const uint32_t*>(address)
+                                     : *reinterpret_cast<const uint16_t*>(address);
+    return item;
+  }
+  const uint4 vector = *reinterpret_cast<const uint4*>(address);
+  const uint32_t words[4] = {vector.x, vector.y, vector.z, vector.w};
+  if (element_bytes == 4) {
+    for (int i = 0; i < 4; ++i) item.raw[i] = words[i];
+  } else {
+    for (int i = 0; i < 4; ++i) {
+      item.raw[2 * i] = words[i] & 0xFFFFu;
+      item.raw[2 * i + 1] = words[i] >> 16;
+    }
+  }
+  return item;
+}
+
+__device__ __forceinline__ void store_item(uint64_t base, uint32_t dtype, Range entries, const ItemValues& item) {
+  const uint32_t element_bytes = dtype_bytes(dtype);
+  const uint64_t address = base + entries.begin * element_bytes;
+  if (item.count == 1) {
+    if (element_bytes == 4) {
+      *reinterpret_cast<uint32_t*>(address) = item.raw[0];
+    } else {
+      *reinterpret_cast<uint16_t*>(address) = static_cast<uint16_t>(item.raw[0]);
+    }
+    return;
+  }
+  uint32_t words[4];
+  for (int i = 0; i < 4; ++i) words[i] = element_bytes == 4 ? item.raw[i] : (item.raw[2 * i] | (item.raw[2 * i + 1] << 16));
+  *reinterpret_cast<uint4*>(address) = make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+__device__ __forceinline__ void zero_shared(uint32_t* counters, uint32_t n) {
+  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) counters[i] = 0;
+}
+
+// Adds a block's shared histogram to the set's global one and clears it.
+// Called by the whole block.
+__device__ void flush_histogram(uint32_t* shared_counts, uint32_t bins, unsigned long long* global_counts) {
+  __syncthreads();
+  for (uint32_t i = threadIdx.x; i < bins; i += blockDim.x) {
+    const uint32_t count = shared_counts[i];
+    if (count != 0) {
+      atomicAdd(global_counts + i, static_cast<unsigned long long>(count));
+      shared_counts[i] = 0;
+    }
+  }
+  __syncthreads();
+}
+
+// Pass B: appends the staged keys to the set's candidate region. Whole block.
+__device__ void flush_stage(const uint32_t* stage, uint32_t* stage_count, unsigned long long* stage_base,
+                            SetState* state, uint32_t* region, uint64_t capacity) {
+  __syncthreads();
+  const uint32_t count = *stage_count;
+  if (count != 0) {
+    if (threadIdx.x == 0) *stage_base = atomicAdd(&state->candidates_gathered, static_cast<unsigned long long>(count));
+    __syncthreads();
+    const uint64_t base = *stage_base;
+    // The region holds the whole boundary bin (should_gather_candidates), so
+    // the bound never cuts; it is there so that no logic error writes past it.
+    for (uint32_t i = threadIdx.x; i < count; i += blockDim.x) {
+      if (base + i < capacity) region[base + i] = stage[i];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) *stage_count = 0;
+  }
+  __syncthreads();
+}
+
+// Passes A (level 0), B (level 1) and C (level 2): persistent blocks stride
+// over the chunk table; each chunk belongs to one set, whose histogram the
+// block accumulates in shared memory and flushes when the set changes.
+template <int kLevel>
+__global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 1 ? 1 : 2)
+    histogram_pass(SelectionLaunch p, uint64_t chunk_end, uint32_t shared_bins) {
+  extern __shared__ uint32_t shared[];
+  uint32_t* histogram = shared;
+  uint32_t* stage = shared + shared_bins;  // pass B only
+  __shared__ uint32_t stage_count;
+  __shared__ unsigned long long stage_base;
+
+  zero_shared(histogram, shared_bins);
+  if (threadIdx.x == 0) stage_count = 0;
+  __syncthreads();
+
+  bool non_finite = false;
+  const bool has_scale = p.inv_loss_scale != nullptr;
+  const float inv_loss_scale = has_scale ? *p.inv_loss_scale : 1.0f;
+  uint32_t pending_set = kNoPendingSet;
+  uint32_t pending_bins = 0;
+  uint64_t pending_entries = 0;
+
+  for (uint64_t c = blockIdx.x; c < chunk_end; c += gridDim.x) {
+    const ChunkWork work = chunk_work(p, kLevel, c);
+    if (work.idle()) continue;  // the same decision in every thread
+    const ChunkRecord chunk = p.chunks[c];
+    const SetRecord set = p.sets[chunk.set];
+    if (work.source != ChunkSource::skip) {
+      if (must_flush_before(pending_set, pending_entries, chunk)) {
+        if (pending_set != kNoPendingSet) {
+          flush_histogram(histogram, pending_bins, p.histograms + p.sets[pending_set].histogram_offset);
+        }
+        pending_set = chunk.set;
+        pending_bins = digit_bins(work.digit);
+        pending_entries = 0;
+      }
+      pending_entries += chunk.length;
+    }
+
+    if (work.source == ChunkSource::candidates) {
+      const uint32_t* keys = p.candidates + set.candidate_offset;
+      for (uint64_t i = work.candidates.begin + threadIdx.x; i < work.candidates.end; i += blockDim.x) {
+        const EntryVisit visit = visit_candidate(work, keys[i]);
+        if (visit.counted) atomicAdd(&histogram[visit.bin], 1u);
+      }
+      continue;
+    }
+
+    const TensorRecord tensor = p.tensors[chunk.tensor];
+    const VectorSplit split = split_for_vectors(tensor.grad, dtype_bytes(set.dtype), chunk.begin,
+                                                chunk.begin + chunk.length);
+    uint32_t* region = p.candidates + set.candidate_offset;
+    for (uint64_t round = 0; round < split.items(); round += blockDim.x) {
+      const uint64_t i = round + threadIdx.x;
+      if (i < split.items()) {
+        const ItemValues item = load_item(tensor.grad, set.dtype, item_entries(split, i));
+#pragma unroll
+        for (uint32_t e = 0; e < 8; ++e) {
+          if (e >= item.count) break;  // constant indexes keep item.raw in registers
+          const EntryVisit visit = visit_entry(work, item.raw[e], set.dtype, has_scale, inv_loss_scale);
+          non_finite = non_finite || visit.non_finite;
+          if (visit.counted) {
+            atomicAdd(&histogram[visit.bin], 1u);
+            if (kLevel == 1 && work.gather) stage[atomicAdd(&stage_count, 1u)] = visit.key;
+          }
+        }
+      }
+      if (kLevel == 1 && work.gather) {
+        __syncthreads();
+        if (stage_count > SelectionPolicy::kStageFlushAt) {
+          flush_stage(stage, &stage_count, &stage_base, p.states + chunk.set, region, set.candidate_capacity);
+        }
+      }
+    }
+    if (kLevel == 1 && work.gather) {
+      flush_stage(stage, &stage_count, &stage_base, p.states + chunk.set, region, set.candidate_capacity);
+    }
+  }
+  if (pending_set != kNoPendingSet) {
+    flush_histogram(histogram, pending_bins, p.histograms + p.sets[pending_set].histogram_offset);
+  }
+  if (non_finite) atomicOr(p.flags, 1u);
+}
+
+// Sums `bins` counters in `segments` equal runs, one run per thread.
+template <typename Count>
+__device__ void sum_segments(const Count* counts, uint32_t bins, uint32_t segments, uint64_t* segment_sums) {
+  const uint32_t per_segment = bins / segments;
+  if (threadIdx.x < segments) {
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < per_segment; ++i) sum += counts[threadIdx.x * per_segment + i];
+    segment_sums[threadIdx.x] = sum;
+  }
+}
+
+// One block per large set: picks the level's boundary bin and rank from the
+// set's global histogram, then clears the histogram for the next level.
+__global__ void __launch_bounds__(SelectionPolicy::kScanThreads) scan_level(SelectionLaunch p, int level) {
+  __shared__ uint64_t segment_sums[SelectionPolicy::kScanThreads];
+  __shared__ SetState state;
+  __shared__ bool scans;
+  __shared__ bool clear;
+  const uint32_t set_index = p.large_sets[blockIdx.x];
+  if (threadIdx.x == 0) scans = scan_begins(p, level, set_index, &state);
+  __syncthreads();
+  if (!scans) return;
+  const uint32_t bins = digit_bins(scan_digit(p, level, set_index));
+  const uint32_t segments = scan_segments(bins, blockDim.x);
+  unsigned long long* counts = p.histograms + p.sets[set_index].histogram_offset;
+  sum_segments(counts, bins, segments, segment_sums);
+  __syncthreads();
+  if (threadIdx.x == 0) clear = scan_finishes(p, level, set_index, segment_sums, segments, &state);
+  __syncthreads();
+  if (clear) {
+    for (uint32_t i = threadIdx.x; i < bins; i += blockDim.x) counts[i] = 0;
+  }
+}
+
+// One block per small set: every level in shared memory, re-reading the set's
+// tensors (L2-resident at these sizes) once per level.
+__global__ void __launch_bounds__(SelectionPolicy::kSmallSetThreads) select_small_sets(SelectionLaunch p) {
+  __shared__ uint32_t histogram[kSmallSetBins];
+  __shared__ uint64_t segment_sums[SelectionPolicy::kSmallSetThreads];
+  __shared__ SetState state;
+  __shared__ bool selects;
+  const uint32_t set_index = p.small_sets[blockIdx.x];
+  if (threadIdx.x == 0) selects = small_set_begins(p, set_index, &state);
+  __syncthreads();
+  if (!selects) return;
+  const SetRecord set = p.sets[set_index];
+  const DigitPlan plan = digit_plan(set.dtype, false);
+  for (int level = 0; level < plan.levels; ++level) {
+    const Digit digit = plan.digit[level];
+    const uint32_t bins = digit_bins(digit);
+    zero_shared(histogram, bins);
+    __syncthreads();
+    const uint32_t prefix = state.prefix;
+    for (uint32_t m = 0; m < set.member_count; ++m) {
+      const TensorRecord tensor = p.tensors[p.members[set.first_member + m]];
+      const VectorSplit split = split_for_vectors(tensor.grad, dtype_bytes(set.dtype), 0, tensor.numel);
+      for (uint64_t i = threadIdx.x; i < split.items(); i += blockDim.x) {
+        const ItemValues item = load_item(tensor.grad, set.dtype, item_entries(split, i));
+#pragma unroll
+        for (uint32_t e = 0; e < 8; ++e) {
+          if (e >= item.count) break;  // constant indexes keep item.raw in registers
+          const uint32_t key = magnitude_key(item.raw[e], set.dtype);
+          if (matches_prefix(key, prefix, digit)) atomicAdd(&histogram[digit_of(key, digit)], 1u);
+        }
+      }
+    }
+    __syncthreads();
+    const uint32_t segments = scan_segments(bins, blockDim.x);
+    sum_segments(histogram, bins, segments, segment_sums);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const BinPick pick = pick_from_segments(histogram, segment_sums, segments, bins, state.rank);
+      advance_selection(state, plan, pick, histogram[pick.bin]);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) p.states[set_index] = state;
+}
+
+__device__ __forceinline__ uint64_t warp_sum(uint64_t value) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xFFFFFFFFu, value, offset);
+  return value;
+}
+
+// The mask (gmtkMaskGradients: +0 over every masked entry, unless a gradient
+// is not finite) and the per-tensor kept counts of multi-tensor sets.
+__global__ void __launch_bounds__(SelectionPolicy::kApplyThreads) apply_keep_rule(SelectionLaunch p) {
+  const bool found_non_finite = *p.flags != 0u;
+  for (uint64_t c = blockIdx.x; c < p.chunk_count; c += gridDim.x) {
+    const ApplyWork work = apply_work(p, c, found_non_finite);
+    if (work.idle()) continue;
+    const ChunkRecord chunk = p.chunks[c];
+    const TensorRecord tensor = p.tensors[chunk.tensor];
+    const VectorSplit split = split_for_vectors(tensor.grad, dtype_bytes(tensor.dtype), chunk.begin,
+                                                chunk.begin + chunk.length);
+    uint64_t kept = 0;
+    for (uint64_t i = threadIdx.x; i < split.items(); i += blockDim.x) {
+      const Range entries = item_entries(split, i);
+      ItemValues item = load_item(tensor.grad, tensor.dtype, entries);
+      bool changed = false;
+#pragma unroll
+      for (uint32_t e = 0; e < 8; ++e) {
+        if (e >= item.count) break;  // constant indexes keep item.raw in registers
+        if (is_kept(magnitude_key(item.raw[e], tensor.dtype), work.min_kept_key)) {
+          ++kept;
+        } else if (work.zero_masked) {
+          item.raw[e] = 0u;  // +0 in every dtype
+          changed = true;
+        }
+      }
+      if (changed) store_item(tensor.grad, tensor.dtype, entries, item);
+    }
+    if (work.count_kept) {
+      kept = warp_sum(kept);
+      if ((threadIdx.x & 31u) == 0 && kept != 0) {
+        atomicAdd(p.tensor_kept + chunk.tensor, static_cast<unsigned long long>(kept));
+      }
+    }
+  }
+}
+
+// Thresholds, kept counts and found_inf.
+__global__ void __launch_bounds__(SelectionPolicy::kOutputThreads) write_outputs(SelectionLaunch p) {
+  for (uint64_t t = blockIdx.x * uint64_t{blockDim.x} + threadIdx.x; t < p.tensor_count;
+       t += uint64_t{gridDim.x} * blockDim.x) {
+    write_tensor_outputs(p, t);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0 && p.found_inf != nullptr) *p.found_inf = found_inf_value(*p.flags);
+}
+
+template <typename T>
+uint32_t grid_for(T items, uint32_t cap) {
+  return static_cast<uint32_t>(items < T{1} ? 1 : (items < T{cap} ? items : T{cap}));
+}
+
+}  // namespace
+
+constexpr size_t kPassAWideShared = kLargeHalfBins * sizeof(uint32_t);  // 128 KB: fp16/bf16 large sets
+constexpr size_t kPassANarrowShared = kLargeFloat32Bins * sizeof(uint32_t);
+constexpr size_t kPassBShared = (kLargeFloat32Bins + SelectionPolicy::kStageKeys) * sizeof(uint32_t);
+constexpr size_t kPassCShared = kLargeFloat32Bins * sizeof(uint32_t);
+
+cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupancy) {
+  cudaError_t error = cudaDeviceGetAttribute(&occupancy->multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  if (error != cudaSuccess) return error;
+  error = cudaFuncSetAttribute(histogram_pass<0>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(kPassAWideShared));
+  if (error != cudaSuccess) return error;
+  error = cudaFuncSetAttribute(histogram_pass<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(kPassBShared));
+  if (error != cudaSuccess) return error;
+  // Persistent grids fill the device exactly once.
+  const struct {
+    int* blocks;
+    const void* kernel;
+    int threads;
+    size_t shared;
+  } kernels[] = {
+      {&occupancy->pass_a_narrow, reinterpret_cast<const void*>(histogram_pass<0>), SelectionPolicy::kHistogramThreads,
+       kPassANarrowShared},
+      {&occupancy->pass_a_wide, reinterpret_cast<const void*>(histogram_pass<0>), SelectionPolicy::kHistogramThreads,
+       kPassAWideShared},
+      {&occupancy->pass_b, reinterpret_cast<const void*>(histogram_pass<1>), SelectionPolicy::kHistogramThreads,
+       kPassBShared},
+      {&occupancy->pass_c, reinterpret_cast<const void*>(histogram_pass<2>), SelectionPolicy::kHistogramThreads,
+       kPassCShared},
+      {&occupancy->apply, reinterpret_cast<const void*>(apply_keep_rule), SelectionPolicy::kApplyThreads, 0},
+  };
+  for (const auto& k : kernels) {
+    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(k.blocks, k.kernel, k.threads, k.shared);
+    if (error != cudaSuccess) return error;
+    *k.blocks = (*k.blocks < 1 ? 1 : *k.blocks) * occupancy->multiprocessors;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_selection(const SelectionLaunch& launch, const SelectionSchedule& schedule, void* zeroed,
+                             size_t zeroed_bytes, const SelectionOccupancy& occupancy, cudaStream_t stream) {
+  cudaError_t error = cudaMemsetAsync(zeroed, 0, zeroed_bytes, stream);
+  if (error != cudaSuccess) return error;
+  constexpr int kHistogramThreads = SelectionPolicy::kHistogramThreads;
+  const auto resident = [](int blocks) { return static_cast<uint32_t>(blocks); };
+
+  if (schedule.pass_a) {
+    const bool wide = schedule.pass_a_bins > kLargeFloat32Bins;
+    const uint32_t blocks = resident(wide ? occupancy.pass_a_wide : occupancy.pass_a_narrow);
+    histogram_pass<0><<<grid_for(schedule.pass_a_chunks, blocks), kHistogramThreads,
+                        schedule.pass_a_bins * sizeof(uint32_t), stream>>>(launch, schedule.pass_a_chunks,
+                                                                           schedule.pass_a_bins);
+  }
+  if (schedule.large_scan) {
+    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, 0);
+  }
+  if (schedule.refinement) {
+    histogram_pass<1><<<grid_for(launch.large_fp32_chunks, resident(occupancy.pass_b)), kHistogramThreads,
+                        kPassBShared, stream>>>(launch, launch.large_fp32_chunks, kLargeFloat32Bins);
+    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, 1);
+    histogram_pass<2><<<grid_for(launch.large_fp32_chunks, resident(occupancy.pass_c)), kHistogramThreads,
+                        kPassCShared, stream>>>(launch, launch.large_fp32_chunks, kLargeFloat32Bins);
+    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, 2);
+  }
+  if (schedule.small_sets) {
+    select_small_sets<<<launch.small_set_count, SelectionPolicy::kSmallSetThreads, 0, stream>>>(launch);
+  }
+  if (schedule.apply) {
+    const uint32_t blocks = grid_for(launch.chunk_count, resident(occupancy.apply));
+    apply_keep_rule<<<blocks, SelectionPolicy::kApplyThreads, 0, stream>>>(launch);
+  }
+  const uint32_t output_blocks =
+      grid_for((uint64_t{launch.tensor_count} + SelectionPolicy::kOutputThreads - 1) / SelectionPolicy::kOutputThreads,
+               static_cast<uint32_t>(occupancy.multiprocessors) * 4);
+  write_outputs<<<output_blocks, SelectionPolicy::kOutputThreads, 0, stream>>>(launch);
+  return cudaGetLastError();
+}
+
+}  // namespace gmtk::kernels

@@ -1,0 +1,30 @@
+// Host-side entry to kernels/selection_kernels.cu.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "selection_plan.hpp"
+
+namespace gmtk::kernels {
+
+// Resident blocks of each persistent kernel on the whole device.
+struct SelectionOccupancy {
+  int multiprocessors = 0;
+  int pass_a_narrow = 0;  // pass A with fp32 histograms only
+  int pass_a_wide = 0;    // pass A with a 32768-bin histogram (large fp16/bf16 sets)
+  int pass_b = 0;
+  int pass_c = 0;
+  int apply = 0;
+};
+
+// Raises the shared-memory limit of the kernels that need more than 48 KB and
+// measures their occupancy. Once per device (current), before any launch.
+cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupancy);
+
+// Enqueues one call's launches on `stream`, in schedule order: the memset of
+// the workspace's zeroed part, then the passes the schedule names. Never
+// synchronizes, never allocates.
+cudaError_t launch_selection(const SelectionLaunch& launch, const SelectionSchedule& schedule, void* zeroed,
+                             size_t zeroed_bytes, const SelectionOccupancy& occupancy, cudaStream_t stream);
+
+}  // namespace gmtk::kernels

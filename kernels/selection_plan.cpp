@@ -1,0 +1,176 @@
+#include "selection_plan.hpp"
+
+#include <algorithm>
+
+#include "../host/workspace.hpp"
+
+namespace gmtk::kernels {
+namespace {
+
+bool is_large(const SetRecord& set, const SelectionTuning& tuning) {
+  const uint64_t limit = set.dtype == kFloat32 ? tuning.small_set_limit_fp32 : tuning.small_set_limit_16bit;
+  return set.numel >= limit;
+}
+
+void append_chunks(const SelectionTables& tables, uint32_t set_index, uint64_t chunk_entries,
+                   std::vector<ChunkRecord>* chunks) {
+  const SetRecord& set = tables.sets[set_index];
+  uint32_t ordinal = 0;
+  for (uint32_t m = 0; m < set.member_count; ++m) {
+    const uint32_t tensor = tables.members[set.first_member + m];
+    const uint64_t numel = tables.tensors[tensor].numel;
+    for (uint64_t begin = 0; begin < numel; begin += chunk_entries) {
+      const auto length = static_cast<uint32_t>(std::min(chunk_entries, numel - begin));
+      chunks->push_back(ChunkRecord{begin, length, tensor, set_index, ordinal++});
+    }
+  }
+}
+
+}  // namespace
+
+SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& groups,
+                                       const std::vector<gmtkTensor_t>& tensors, const SelectionTuning& tuning) {
+  SelectionTables tables;
+  tables.tensors.resize(tensors.size());
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    tables.tensors[t] = TensorRecord{static_cast<uint64_t>(reinterpret_cast<uintptr_t>(tensors[t].grad)),
+                                     static_cast<uint64_t>(tensors[t].numel), 0u,
+                                     static_cast<uint32_t>(tensors[t].grad_dtype)};
+  }
+
+  // Sets, group by group, in tensor order within a group.
+  std::vector<std::vector<uint32_t>> members_of_group(groups.size());
+  for (size_t t = 0; t < tensors.size(); ++t) members_of_group[tensors[t].group].push_back(static_cast<uint32_t>(t));
+  auto add_set = [&](uint32_t group, const uint32_t* members, uint32_t count) {
+    SetRecord set{};
+    set.group = group;
+    set.dtype = tables.tensors[members[0]].dtype;
+    set.first_member = static_cast<uint32_t>(tables.members.size());
+    set.member_count = count;
+    for (uint32_t m = 0; m < count; ++m) {
+      tables.members.push_back(members[m]);
+      tables.tensors[members[m]].set = static_cast<uint32_t>(tables.sets.size());
+      set.numel += tables.tensors[members[m]].numel;
+    }
+    tables.has_multi_tensor_sets = tables.has_multi_tensor_sets || count > 1;
+    tables.sets.push_back(set);
+  };
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const std::vector<uint32_t>& members = members_of_group[g];
+    if (members.empty()) continue;
+    if (groups[g].scope == GMTK_SCOPE_GLOBAL) {
+      add_set(static_cast<uint32_t>(g), members.data(), static_cast<uint32_t>(members.size()));
+    } else {
+      for (const uint32_t& member : members) add_set(static_cast<uint32_t>(g), &member, 1);
+    }
+  }
+
+  // Large sets get a histogram in the workspace (and fp32 ones a candidate
+  // region); small sets are selected by one block in shared memory.
+  for (uint32_t s = 0; s < tables.sets.size(); ++s) {
+    SetRecord& set = tables.sets[s];
+    set.large = is_large(set, tuning) ? 1u : 0u;
+    if (!set.large) {
+      tables.small_sets.push_back(s);
+      continue;
+    }
+    tables.large_sets.push_back(s);
+    const uint32_t bins = set.dtype == kFloat32 ? kLargeFloat32Bins : kLargeHalfBins;
+    set.histogram_offset = tables.histogram_counters;
+    tables.histogram_counters += bins;
+    tables.pass_a_bins = std::max(tables.pass_a_bins, bins);
+    if (set.dtype == kFloat32) {
+      set.candidate_offset = tables.candidate_keys;
+      set.candidate_capacity = std::max(tuning.min_candidates, set.numel / tuning.candidate_share);
+      tables.candidate_keys += set.candidate_capacity;
+    }
+  }
+
+  // Chunks: large fp32 sets first (passes B and C launch over just them),
+  // then large 16-bit sets, then small sets (pass A's found_inf, the mask).
+  const auto chunks_of_class = [&](bool large, bool fp32) {
+    for (uint32_t s = 0; s < tables.sets.size(); ++s) {
+      const SetRecord& set = tables.sets[s];
+      if ((set.large != 0) != large || (large && (set.dtype == kFloat32) != fp32)) continue;
+      const size_t before = tables.chunks.size();
+      append_chunks(tables, s, tuning.chunk_entries, &tables.chunks);
+      tables.sets[s].chunk_count = static_cast<uint32_t>(tables.chunks.size() - before);
+    }
+  };
+  chunks_of_class(true, true);
+  tables.large_fp32_chunks = tables.chunks.size();
+  chunks_of_class(true, false);
+  tables.large_chunks = tables.chunks.size();
+  chunks_of_class(false, false);
+  return tables;
+}
+
+SelectionWorkspace selection_workspace(const SelectionTables& tables) {
+  WorkspaceLayout layout;
+  SelectionWorkspace workspace{};
+  workspace.set_states = layout.reserve(tables.sets.size() * sizeof(SetState));
+  workspace.histograms = layout.reserve(tables.histogram_counters * sizeof(unsigned long long));
+  workspace.tensor_kept =
+      layout.reserve(tables.has_multi_tensor_sets ? tables.tensors.size() * sizeof(unsigned long long) : 0);
+  workspace.flags = layout.reserve(WorkspaceLayout::kAlignment);
+  workspace.zeroed_bytes = workspace.flags + WorkspaceLayout::kAlignment;
+  workspace.candidates = layout.reserve(tables.candidate_keys * sizeof(uint32_t));
+  workspace.required_bytes = layout.required_bytes();
+  return workspace;
+}
+
+SelectionSchedule selection_schedule(const SelectionTables& tables, const SelectionRequest& request) {
+  SelectionSchedule schedule{};
+  const bool select = request.any_masking;
+  schedule.check_non_finite = request.mask_gradients || request.wants_found_inf;
+  const bool large_selection = select && !tables.large_sets.empty();
+  schedule.pass_a = schedule.check_non_finite ? !tables.chunks.empty() : large_selection;
+  schedule.pass_a_chunks = schedule.check_non_finite ? tables.chunks.size() : tables.large_chunks;
+  schedule.pass_a_bins = large_selection ? tables.pass_a_bins : 0u;
+  schedule.large_scan = large_selection;
+  schedule.refinement = select && tables.large_fp32_chunks > 0;
+  schedule.small_sets = select && !tables.small_sets.empty();
+  schedule.zero_masked = request.mask_gradients && select;
+  schedule.count_kept_per_tensor = request.wants_kept_counts && tables.has_multi_tensor_sets && select;
+  schedule.apply = schedule.zero_masked || schedule.count_kept_per_tensor;
+  return schedule;
+}
+
+void bind_table_sizes(const SelectionTables& tables, SelectionLaunch* launch) {
+  launch->chunk_count = tables.chunks.size();
+  launch->large_fp32_chunks = tables.large_fp32_chunks;
+  launch->large_chunks = tables.large_chunks;
+  launch->tensor_count = static_cast<uint32_t>(tables.tensors.size());
+  launch->large_set_count = static_cast<uint32_t>(tables.large_sets.size());
+  launch->small_set_count = static_cast<uint32_t>(tables.small_sets.size());
+}
+
+SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorkspace& layout,
+                            unsigned char* workspace_base, const std::vector<gmtkGroupConfig_t>& groups,
+                            const gmtkStepArgs_t& args, bool mask_gradients, SelectionLaunch* launch) {
+  launch->states = reinterpret_cast<SetState*>(workspace_base + layout.set_states);
+  launch->histograms = reinterpret_cast<unsigned long long*>(workspace_base + layout.histograms);
+  launch->tensor_kept = reinterpret_cast<unsigned long long*>(workspace_base + layout.tensor_kept);
+  launch->flags = reinterpret_cast<uint32_t*>(workspace_base + layout.flags);
+  launch->candidates = reinterpret_cast<uint32_t*>(workspace_base + layout.candidates);
+  launch->inv_loss_scale = args.inv_loss_scale;
+  launch->thresholds = args.thresholds;
+  launch->kept_counts = args.kept_counts;
+  launch->found_inf = args.found_inf;
+
+  SelectionRequest request{};
+  request.mask_gradients = mask_gradients;
+  request.wants_found_inf = args.found_inf != nullptr;
+  request.wants_kept_counts = args.kept_counts != nullptr;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    launch->mask_ratio[g] = groups[g].mask_ratio;
+    request.any_masking = request.any_masking || groups[g].mask_ratio > 0.0;
+  }
+  const SelectionSchedule schedule = selection_schedule(tables, request);
+  launch->check_non_finite = schedule.check_non_finite ? 1u : 0u;
+  launch->zero_masked = schedule.zero_masked ? 1u : 0u;
+  launch->count_kept_per_tensor = schedule.count_kept_per_tensor ? 1u : 0u;
+  return schedule;
+}
+
+}  // namespace gmtk::kernels

@@ -1,0 +1,169 @@
+// What the CUDA selection engine knows of a plan, built once at
+// gmtkPlanCreate: the selection sets, the tensor and chunk tables the kernels
+// read from plan-owned device memory, and the layout of a call's workspace.
+// Plain C++ (no CUDA): the CUDA backend uploads these tables, and
+// tests/host_schedule/ runs the same schedule over the same tables and layout.
+#pragma once
+
+#include <gmtk/gmtk.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "selection_logic.hpp"
+
+namespace gmtk::kernels {
+
+// Sizes that shape the schedule. The defaults are the product's; the host
+// schedule test also runs tiny ones so that every path (large sets, several
+// chunks per set, candidate overflow) shows up at small sizes.
+struct SelectionTuning {
+  uint64_t chunk_entries = uint64_t{1} << 16;         // a multiple of 8 (the 16-byte vector of 16-bit entries)
+  uint64_t small_set_limit_fp32 = uint64_t{1} << 18;  // fp32 sets below this run on one block
+  uint64_t small_set_limit_16bit = uint64_t{1} << 21; // fp16/bf16 sets below this run on one block
+  uint64_t candidate_share = 32;                      // a large fp32 set may gather n / 32 candidate keys
+  uint64_t min_candidates = 4096;                     // ... and at least this many
+};
+
+// The device tables. Records are plain structs of fixed layout.
+struct TensorRecord {
+  uint64_t grad;   // address of the gradient
+  uint64_t numel;
+  uint32_t set;
+  uint32_t dtype;  // GradDtype
+};
+
+struct SetRecord {
+  uint64_t numel;               // entries of the set (all its tensors)
+  uint64_t histogram_offset;    // first counter of its histogram (large sets)
+  uint64_t candidate_offset;    // first key of its candidate region (large fp32 sets)
+  uint64_t candidate_capacity;  // keys its region holds (0: none)
+  uint32_t group;
+  uint32_t dtype;
+  uint32_t large;               // 1: multi-block passes A/B/C; 0: the one-block path
+  uint32_t first_member;        // into the member list: the set's tensors
+  uint32_t member_count;
+  uint32_t chunk_count;         // chunks of the set (large sets)
+};
+
+struct ChunkRecord {
+  uint64_t begin;    // first entry, in the tensor
+  uint32_t length;   // entries
+  uint32_t tensor;
+  uint32_t set;
+  uint32_t ordinal;  // index among its set's chunks
+};
+
+struct SelectionTables {
+  std::vector<TensorRecord> tensors;
+  std::vector<SetRecord> sets;
+  std::vector<uint32_t> members;      // tensor indexes, set by set
+  std::vector<ChunkRecord> chunks;    // large fp32 sets' chunks, then large 16-bit sets', then the rest
+  std::vector<uint32_t> large_sets;   // set indexes
+  std::vector<uint32_t> small_sets;
+  uint64_t large_fp32_chunks = 0;     // chunks [0, large_fp32_chunks) are large fp32 sets'
+  uint64_t large_chunks = 0;          // chunks [0, large_chunks) are large sets'
+  uint64_t histogram_counters = 0;    // 64-bit counters, all large sets
+  uint64_t candidate_keys = 0;        // 32-bit keys, all large fp32 sets
+  uint32_t pass_a_bins = 0;           // widest histogram of pass A: 0, 2048 or 32768
+  bool has_multi_tensor_sets = false; // a global set of several tensors: its per-tensor kept counts need a count
+};
+
+// Builds the tables of a validated plan: one set per tensor of a per-tensor
+// group, one per global group (a global group without tensors has none).
+SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& groups,
+                                       const std::vector<gmtkTensor_t>& tensors, const SelectionTuning& tuning);
+
+// The workspace of a call, carved at 256-byte alignment (host/workspace.hpp).
+// Everything before `zeroed_bytes` is cleared by the call's first operation;
+// the candidate keys are written before they are read.
+struct SelectionWorkspace {
+  size_t set_states;    // SetState per set
+  size_t histograms;    // unsigned long long per histogram counter
+  size_t tensor_kept;   // unsigned long long per tensor (only with multi-tensor sets)
+  size_t flags;         // uint32_t: [0] found a non-finite gradient
+  size_t zeroed_bytes;
+  size_t candidates;    // uint32_t per candidate key
+  size_t required_bytes;
+};
+
+SelectionWorkspace selection_workspace(const SelectionTables& tables);
+
+// Groups a CUDA plan may have: their mask ratios travel by value in every
+// launch's parameters (so a ratio change needs no upload, and a captured
+// graph keeps the ratios it was captured with).
+constexpr int kMaxGroupsOnCuda = 256;
+
+// The parameters of every selection kernel, by value: where the tables, the
+// workspace and the caller's outputs are, and the group ratios of this call.
+struct SelectionLaunch {
+  const TensorRecord* tensors;
+  const SetRecord* sets;
+  const uint32_t* members;
+  const ChunkRecord* chunks;
+  const uint32_t* large_sets;
+  const uint32_t* small_sets;
+  SetState* states;
+  unsigned long long* histograms;
+  unsigned long long* tensor_kept;
+  uint32_t* flags;       // [0]: a gradient is not finite
+  uint32_t* candidates;
+  const float* inv_loss_scale;  // NULL: no unscaling
+  float* thresholds;            // caller outputs, each optional
+  int64_t* kept_counts;
+  float* found_inf;
+  uint64_t chunk_count;
+  uint64_t large_fp32_chunks;
+  uint64_t large_chunks;
+  uint32_t tensor_count;
+  uint32_t large_set_count;
+  uint32_t small_set_count;
+  uint32_t check_non_finite;       // pass A evaluates found_inf's rule on every chunk
+  uint32_t zero_masked;            // the apply pass writes +0 over masked gradients (gmtkMaskGradients)
+  uint32_t count_kept_per_tensor;  // the apply pass counts kept entries of multi-tensor sets, per tensor
+  double mask_ratio[kMaxGroupsOnCuda];
+};
+
+// What one call asks of the engine.
+struct SelectionRequest {
+  bool mask_gradients;     // gmtkMaskGradients: zero the masked entries
+  bool wants_found_inf;    // args->found_inf is set
+  bool wants_kept_counts;  // args->kept_counts is set
+  bool any_masking;        // some group's ratio is above 0 (else every set keeps all: no selection work)
+};
+
+// Which launches a call makes, decided on the host from the tables and the
+// request alone (no device state): at most 10, whatever the tensor count.
+struct SelectionSchedule {
+  bool check_non_finite;
+  bool pass_a;                // histograms of level 0 for large sets, found_inf for every chunk
+  uint64_t pass_a_chunks;     // chunks [0, pass_a_chunks)
+  uint32_t pass_a_bins;       // shared-memory histogram of pass A (0: found_inf only)
+  bool large_scan;            // level 0's scan of the large sets
+  bool refinement;            // passes B and C and their scans (large fp32 sets)
+  bool small_sets;            // the one-block selection of small sets
+  bool apply;                 // the mask / count pass
+  bool zero_masked;
+  bool count_kept_per_tensor;
+
+  // Kernel launches plus the workspace memset.
+  int launches() const {
+    return 2 + (pass_a ? 1 : 0) + (large_scan ? 1 : 0) + (refinement ? 4 : 0) + (small_sets ? 1 : 0) +
+           (apply ? 1 : 0);
+  }
+};
+
+SelectionSchedule selection_schedule(const SelectionTables& tables, const SelectionRequest& request);
+
+// The fields of `launch` that come from the tables' sizes (once per plan).
+void bind_table_sizes(const SelectionTables& tables, SelectionLaunch* launch);
+
+// The fields of `launch` that change per call (workspace, outputs, ratios,
+// schedule flags), and the call's schedule. `workspace_base` is the aligned
+// base of the call's workspace; `groups` are the plan's groups as they are now.
+SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorkspace& layout,
+                            unsigned char* workspace_base, const std::vector<gmtkGroupConfig_t>& groups,
+                            const gmtkStepArgs_t& args, bool mask_gradients, SelectionLaunch* launch);
+
+}  // namespace gmtk::kernels
