@@ -1,0 +1,271 @@
+// The CUDA selection engine run on the host: the launches of
+// kernels/selection_kernels.cu in the same order (launch_selection), each
+// kernel's blocks one after another, over the same tables, the same workspace
+// layout and the same __host__ __device__ decisions (kernels/selection_passes.hpp).
+// What only CUDA has (threads of a block, shared-memory atomics, pass B's
+// staging of candidate keys) is replaced by its sequential meaning.
+#pragma once
+
+#include <gmtk/gmtk.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../../kernels/selection_passes.hpp"
+#include "../../host/workspace.hpp"
+
+namespace gmtk_test {
+
+using namespace gmtk::kernels;
+
+// What a run went through, so that tests can show every branch was taken.
+struct EngineTrace {
+  int launches = 0;
+  int large_sets_selected = 0;
+  int small_sets_selected = 0;
+  int sets_gathering = 0;        // pass C read candidates
+  int sets_overflowing = 0;      // pass C re-read gradients
+  int histogram_flushes = 0;
+};
+
+class HostSelectionEngine {
+ public:
+  // The grid sizes stand in for the device's resident blocks; any value must
+  // give the same answer.
+  HostSelectionEngine(const std::vector<gmtkGroupConfig_t>& groups, const std::vector<gmtkTensor_t>& tensors,
+                      const SelectionTuning& tuning, uint32_t persistent_blocks = 3)
+      : groups_(groups), tables_(build_selection_tables(groups, tensors, tuning)),
+        layout_(selection_workspace(tables_)), persistent_blocks_(persistent_blocks) {
+    bind_table_sizes(tables_, &launch_);
+    launch_.tensors = tables_.tensors.data();
+    launch_.sets = tables_.sets.data();
+    launch_.members = tables_.members.data();
+    launch_.chunks = tables_.chunks.data();
+    launch_.large_sets = tables_.large_sets.data();
+    launch_.small_sets = tables_.small_sets.data();
+    workspace_.resize(layout_.required_bytes);
+  }
+
+  const SelectionTables& tables() const { return tables_; }
+  size_t workspace_bytes() const { return layout_.required_bytes; }
+  void set_mask_ratio(int group, double ratio) { groups_[group].mask_ratio = ratio; }
+
+  // gmtkSelectThresholds (mask_gradients false) or gmtkMaskGradients on host
+  // memory. The workspace holds garbage from before, as a caller's may.
+  EngineTrace run(const gmtkStepArgs_t& args, bool mask_gradients) {
+    std::memset(workspace_.data(), 0xA5, workspace_.size());
+    unsigned char* base = gmtk::WorkspaceLayout::aligned_base(workspace_.data());
+    SelectionLaunch& p = launch_;
+    const SelectionSchedule schedule = bind_call(tables_, layout_, base, groups_, args, mask_gradients, &p);
+    trace_ = EngineTrace{};
+    trace_.launches = schedule.launches();
+
+    std::memset(base, 0, layout_.zeroed_bytes);  // the cudaMemsetAsync
+    if (schedule.pass_a) histogram_pass(0, schedule.pass_a_chunks);
+    if (schedule.large_scan) scan_level(0);
+    if (schedule.refinement) {
+      histogram_pass(1, p.large_fp32_chunks);
+      scan_level(1);
+      count_candidate_paths();
+      histogram_pass(2, p.large_fp32_chunks);
+      scan_level(2);
+    }
+    if (schedule.small_sets) select_small_sets();
+    if (schedule.apply) apply_keep_rule();
+    for (uint64_t t = 0; t < p.tensor_count; ++t) write_tensor_outputs(p, t);
+    if (p.found_inf != nullptr) *p.found_inf = found_inf_value(*p.flags);
+    return trace_;
+  }
+
+ private:
+  static uint32_t load_raw(uint64_t base, uint32_t dtype, uint64_t entry) {
+    if (dtype == kFloat32) {
+      uint32_t raw;
+      std::memcpy(&raw, reinterpret_cast<const void*>(base + entry * 4), 4);
+      return raw;
+    }
+    uint16_t raw;
+    std::memcpy(&raw, reinterpret_cast<const void*>(base + entry * 2), 2);
+    return raw;
+  }
+
+  static void store_zero(uint64_t base, uint32_t dtype, uint64_t entry) {
+    std::memset(reinterpret_cast<void*>(base + entry * dtype_bytes(dtype)), 0, dtype_bytes(dtype));
+  }
+
+  // Calls visit(entry) for every entry of [begin, end), item by item as a
+  // block's threads take them (scalar head, 16-byte vectors, scalar tail).
+  template <typename Visit>
+  static void for_each_item_entry(uint64_t base, uint32_t dtype, uint64_t begin, uint64_t end, Visit&& visit) {
+    const VectorSplit split = split_for_vectors(base, dtype_bytes(dtype), begin, end);
+    for (uint64_t i = 0; i < split.items(); ++i) {
+      const Range entries = item_entries(split, i);
+      for (uint64_t e = entries.begin; e < entries.end; ++e) visit(e);
+    }
+  }
+
+  void flush(std::vector<uint32_t>& shared, uint32_t bins, uint32_t set) {
+    unsigned long long* counts = launch_.histograms + launch_.sets[set].histogram_offset;
+    for (uint32_t i = 0; i < bins; ++i) {
+      counts[i] += shared[i];
+      shared[i] = 0;
+    }
+    ++trace_.histogram_flushes;
+  }
+
+  // histogram_pass<level>: persistent blocks over chunks [0, chunk_end).
+  void histogram_pass(int level, uint64_t chunk_end) {
+    const SelectionLaunch& p = launch_;
+    const bool has_scale = p.inv_loss_scale != nullptr;
+    const float inv_loss_scale = has_scale ? *p.inv_loss_scale : 1.0f;
+    std::vector<uint32_t> shared(kLargeHalfBins);
+    for (uint32_t block = 0; block < persistent_blocks_; ++block) {
+      uint32_t pending_set = kNoPendingSet, pending_bins = 0;
+      uint64_t pending_entries = 0;
+      bool non_finite = false;
+      for (uint64_t c = block; c < chunk_end; c += persistent_blocks_) {
+        const ChunkWork work = chunk_work(p, level, c);
+        if (work.idle()) continue;
+        const ChunkRecord chunk = p.chunks[c];
+        const SetRecord set = p.sets[chunk.set];
+        if (work.source != ChunkSource::skip) {
+          if (must_flush_before(pending_set, pending_entries, chunk)) {
+            if (pending_set != kNoPendingSet) flush(shared, pending_bins, pending_set);
+            pending_set = chunk.set;
+            pending_bins = digit_bins(work.digit);
+            pending_entries = 0;
+          }
+          pending_entries += chunk.length;
+        }
+        if (work.source == ChunkSource::candidates) {
+          const uint32_t* keys = p.candidates + set.candidate_offset;
+          for (uint64_t i = work.candidates.begin; i < work.candidates.end; ++i) {
+            const EntryVisit visit = visit_candidate(work, keys[i]);
+            if (visit.counted) ++shared[visit.bin];
+          }
+          continue;
+        }
+        const TensorRecord tensor = p.tensors[chunk.tensor];
+        SetState& state = p.states[chunk.set];
+        for_each_item_entry(tensor.grad, set.dtype, chunk.begin, chunk.begin + chunk.length, [&](uint64_t e) {
+          const EntryVisit visit = visit_entry(work, load_raw(tensor.grad, set.dtype, e), set.dtype, has_scale,
+                                               inv_loss_scale);
+          non_finite = non_finite || visit.non_finite;
+          if (!visit.counted) return;
+          ++shared[visit.bin];
+          if (work.gather) {  // flush_stage's append, bounded the same way
+            const uint64_t slot = state.candidates_gathered++;
+            if (slot < set.candidate_capacity) p.candidates[set.candidate_offset + slot] = visit.key;
+          }
+        });
+      }
+      if (pending_set != kNoPendingSet) flush(shared, pending_bins, pending_set);
+      if (non_finite) *p.flags |= 1u;
+    }
+  }
+
+  static void sum_segments(const unsigned long long* counts, uint32_t bins, uint32_t segments, uint64_t* sums) {
+    const uint32_t per_segment = bins / segments;
+    for (uint32_t s = 0; s < segments; ++s) {
+      sums[s] = 0;
+      for (uint32_t i = 0; i < per_segment; ++i) sums[s] += counts[s * per_segment + i];
+    }
+  }
+
+  void scan_level(int level) {
+    const SelectionLaunch& p = launch_;
+    constexpr uint32_t kScanThreads = 256;  // SelectionPolicy::kScanThreads
+    uint64_t sums[kScanThreads];
+    for (uint32_t b = 0; b < p.large_set_count; ++b) {
+      const uint32_t set_index = p.large_sets[b];
+      SetState state{};
+      if (!scan_begins(p, level, set_index, &state)) continue;
+      if (level == 0) ++trace_.large_sets_selected;
+      const uint32_t bins = digit_bins(scan_digit(p, level, set_index));
+      const uint32_t segments = scan_segments(bins, kScanThreads);
+      unsigned long long* counts = p.histograms + p.sets[set_index].histogram_offset;
+      sum_segments(counts, bins, segments, sums);
+      if (scan_finishes(p, level, set_index, sums, segments, &state)) {
+        for (uint32_t i = 0; i < bins; ++i) counts[i] = 0;
+      }
+    }
+  }
+
+  void count_candidate_paths() {
+    for (uint32_t b = 0; b < launch_.large_set_count; ++b) {
+      const SetState& state = launch_.states[launch_.large_sets[b]];
+      if (state.level != 2 || state.done) continue;  // between scan 1 and pass C
+      if (state.gather) {
+        ++trace_.sets_gathering;
+      } else {
+        ++trace_.sets_overflowing;
+      }
+    }
+  }
+
+  void select_small_sets() {
+    const SelectionLaunch& p = launch_;
+    constexpr uint32_t kSmallSetThreads = 512;  // SelectionPolicy::kSmallSetThreads
+    std::vector<uint32_t> histogram(kSmallSetBins);
+    uint64_t sums[kSmallSetThreads];
+    for (uint32_t b = 0; b < p.small_set_count; ++b) {
+      const uint32_t set_index = p.small_sets[b];
+      SetState state{};
+      if (!small_set_begins(p, set_index, &state)) continue;
+      ++trace_.small_sets_selected;
+      const SetRecord set = p.sets[set_index];
+      const DigitPlan plan = digit_plan(set.dtype, false);
+      for (int level = 0; level < plan.levels; ++level) {
+        const Digit digit = plan.digit[level];
+        const uint32_t bins = digit_bins(digit);
+        std::fill(histogram.begin(), histogram.begin() + bins, 0u);
+        for (uint32_t m = 0; m < set.member_count; ++m) {
+          const TensorRecord tensor = p.tensors[p.members[set.first_member + m]];
+          for_each_item_entry(tensor.grad, set.dtype, 0, tensor.numel, [&](uint64_t e) {
+            const uint32_t key = magnitude_key(load_raw(tensor.grad, set.dtype, e), set.dtype);
+            if (matches_prefix(key, state.prefix, digit)) ++histogram[digit_of(key, digit)];
+          });
+        }
+        const uint32_t segments = scan_segments(bins, kSmallSetThreads);
+        const uint32_t per_segment = bins / segments;
+        for (uint32_t s = 0; s < segments; ++s) {
+          sums[s] = 0;
+          for (uint32_t i = 0; i < per_segment; ++i) sums[s] += histogram[s * per_segment + i];
+        }
+        const BinPick pick = pick_from_segments(histogram.data(), sums, segments, bins, state.rank);
+        advance_selection(state, plan, pick, histogram[pick.bin]);
+      }
+      p.states[set_index] = state;
+    }
+  }
+
+  void apply_keep_rule() {
+    const SelectionLaunch& p = launch_;
+    const bool found_non_finite = *p.flags != 0u;
+    for (uint64_t c = 0; c < p.chunk_count; ++c) {
+      const ApplyWork work = apply_work(p, c, found_non_finite);
+      if (work.idle()) continue;
+      const ChunkRecord chunk = p.chunks[c];
+      const TensorRecord tensor = p.tensors[chunk.tensor];
+      uint64_t kept = 0;
+      for_each_item_entry(tensor.grad, tensor.dtype, chunk.begin, chunk.begin + chunk.length, [&](uint64_t e) {
+        if (is_kept(magnitude_key(load_raw(tensor.grad, tensor.dtype, e), tensor.dtype), work.min_kept_key)) {
+          ++kept;
+        } else if (work.zero_masked) {
+          store_zero(tensor.grad, tensor.dtype, e);
+        }
+      });
+      if (work.count_kept) p.tensor_kept[chunk.tensor] += kept;
+    }
+  }
+
+  std::vector<gmtkGroupConfig_t> groups_;
+  SelectionTables tables_;
+  SelectionWorkspace layout_;
+  uint32_t persistent_blocks_;
+  SelectionLaunch launch_{};
+  std::vector<unsigned char> workspace_;
+  EngineTrace trace_;
+};
+
+}  // namespace gmtk_test
