@@ -1,7 +1,10 @@
-// gmtk_bench: Google Benchmark over the gmtk calls, plus the copy rooflines.
-// After the usual table it prints, from this run alone, each benchmark's
-// bandwidth as a fraction of its device's copy bandwidth and each masked
-// step's time over the plain step's (PERFORMANCE.md's ratios).
+// gmtk_bench: Google Benchmark over the gmtk calls, plus the copy and read
+// rooflines and CUB baselines of selection. After the usual table it prints,
+// from this run alone, PERFORMANCE.md's ratios: each benchmark's bandwidth as
+// a fraction of its device's copy bandwidth, each masked call's time over the
+// plain step's, global over per-tensor scope, each distribution's time over
+// Gaussian data's, and for each GPU selection its time over one read of the
+// gradients and its speed-up over the CUB sort that selects the same.
 //
 // Own flags (before Google Benchmark's):
 //   --gmtk_ratios_out=FILE   also write the ratios as JSON
@@ -9,6 +12,7 @@
 //   --gmtk_cpu_large         add the 1e8-entry CPU reference benchmarks
 #include <benchmark/benchmark.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -62,29 +66,61 @@ struct Ratio {
   double value;
 };
 
+// Pairs every registered gmtk run with the runs it is measured against (only
+// pairs that both completed in this run give a ratio).
 std::vector<Ratio> ratios_of(const std::map<std::string, Measurement>& measured) {
   std::vector<Ratio> ratios;
   auto find = [&](const std::string& name) -> const Measurement* {
     const auto it = measured.find(name);
     return it == measured.end() ? nullptr : &it->second;
   };
+  auto add_time_ratio = [&](const std::string& name, const Measurement& m, const std::string& base_name,
+                            const std::string& what) {
+    if (const Measurement* base = find(base_name)) {
+      ratios.push_back({name, what, m.seconds_per_iteration / base->seconds_per_iteration});
+    }
+  };
+  // A read of `bytes` at the read roofline: the same-size read when it ran,
+  // else the fastest read measured (its bandwidth is the roofline).
+  auto one_read_of = [&](double bytes) -> const Measurement* {
+    if (const Measurement* same_size = find(read_roofline_name(std::llround(bytes)))) return same_size;
+    const Measurement* fastest = nullptr;
+    for (const auto& [name, m] : measured) {
+      if (is_read_roofline(name) && (fastest == nullptr || m.bytes_per_second > fastest->bytes_per_second)) {
+        fastest = &m;
+      }
+    }
+    return fastest;
+  };
   for (const auto& [name, m] : measured) {
-    const auto spec = registered_specs().find(name);
-    if (spec == registered_specs().end()) continue;
-    if (const Measurement* copy = find(copy_benchmark_name(spec->second.device))) {
+    const auto found = registered_specs().find(name);
+    if (found == registered_specs().end()) continue;
+    const StepSpec& spec = found->second;
+    if (const Measurement* copy = find(copy_benchmark_name(spec.device))) {
       if (copy->bytes_per_second > 0 && m.bytes_per_second > 0) {
         ratios.push_back({name, "floor bytes/s over copy bytes/s", m.bytes_per_second / copy->bytes_per_second});
       }
     }
-    const std::string plain = spec->second.plain().name();
-    if (plain != name) {
-      if (const Measurement* base = find(plain)) {
-        ratios.push_back({name, "time over plain step (ratio 0)", m.seconds_per_iteration / base->seconds_per_iteration});
-      }
+    const std::string plain = spec.plain().name();
+    if (plain != name) add_time_ratio(name, m, plain, "time over plain step (ratio 0)");
+    if (spec.scope == GMTK_SCOPE_GLOBAL) add_time_ratio(name, m, spec.per_tensor().name(), "time over per-tensor scope");
+    if (spec.distribution != Distribution::gaussian) {
+      StepSpec gaussian = spec;
+      gaussian.distribution = Distribution::gaussian;
+      add_time_ratio(name, m, gaussian.name(), "time over gaussian");
     }
-    if (spec->second.scope == GMTK_SCOPE_GLOBAL) {
-      if (const Measurement* base = find(spec->second.per_tensor().name())) {
-        ratios.push_back({name, "time over per-tensor scope", m.seconds_per_iteration / base->seconds_per_iteration});
+    if (spec.call == Call::select && spec.device == "gpu") {
+      // Selection time over one read of the same bytes, taken as bandwidths
+      // (read bytes/s over selection floor bytes/s) so that a read of another
+      // size serves when none of the same size ran.
+      const Measurement* read = one_read_of(spec.floor_bytes());
+      if (read != nullptr && m.bytes_per_second > 0) {
+        ratios.push_back({name, "time over one read of gradients", read->bytes_per_second / m.bytes_per_second});
+      }
+      const SortBaselineSpec baseline = SortBaselineSpec::for_selection(spec);
+      if (const Measurement* sort = find(baseline.name())) {
+        ratios.push_back({name, std::string("speed-up over CUB ") + baseline.method_name(),
+                          sort->seconds_per_iteration / m.seconds_per_iteration});
       }
     }
   }
@@ -94,7 +130,7 @@ std::vector<Ratio> ratios_of(const std::map<std::string, Measurement>& measured)
 void print_ratios(const std::vector<Ratio>& ratios) {
   std::printf("\nRatios measured in this run (PERFORMANCE.md):\n");
   if (ratios.empty()) std::printf("  (none: no benchmark pair completed)\n");
-  for (const Ratio& r : ratios) std::printf("  %-34s %7.3f  %s\n", r.what.c_str(), r.value, r.benchmark.c_str());
+  for (const Ratio& r : ratios) std::printf("  %-36s %7.3f  %s\n", r.what.c_str(), r.value, r.benchmark.c_str());
 }
 
 bool write_ratios_json(const std::string& path, const std::vector<Ratio>& ratios,

@@ -54,6 +54,14 @@ inline ShapeList many_small(int count, int64_t numel) {
 
 inline size_t dtype_bytes(gmtkDtype_t dtype) { return dtype == GMTK_FLOAT32 ? 4 : 2; }
 
+// Entries masked in a set of n at ratio r, as gmtk counts them (the floor of
+// the double product, docs/semantics.md): T is the key at this position of
+// the set's keys sorted in ascending order.
+inline int64_t masked_entries(double ratio, int64_t n) {
+  const double product = ratio * static_cast<double>(n);
+  return product >= static_cast<double>(n) ? n : static_cast<int64_t>(product);
+}
+
 // The floor of a plain (unmasked) fused optimizer step: every input read once,
 // every output written once (PERFORMANCE.md's byte model).
 inline double step_floor_bytes_per_entry(gmtkOptimizer_t optimizer, gmtkDtype_t grad_dtype, gmtkDtype_t param_dtype,

@@ -1,85 +1,19 @@
-// GPU benchmarks: the device-to-device copy roofline and the gmtk calls on the
-// shapes of PERFORMANCE.md. Each sample flushes L2 first and is timed with CUDA
-// events around the call alone (Google Benchmark's manual time).
+// GPU benchmarks: the device-to-device copy and one-read rooflines, and the
+// gmtk calls on the shapes of PERFORMANCE.md. Each sample flushes L2 first and
+// is timed with CUDA events around the call alone (Google Benchmark's manual
+// time); see gpu_support.cuh. The CUB baselines are in cub_baselines.cu.
 #include <benchmark/benchmark.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "gpu_support.cuh"
 #include "step_benchmarks.hpp"
 
 namespace gmtk_bench {
 namespace {
-
-std::string cuda_error_text(const char* what, cudaError_t error) {
-  return std::string(what) + ": " + cudaGetErrorString(error);
-}
-
-// Memory of the bench, freed on scope exit; an allocation failure becomes a
-// skipped benchmark with the reason, not a crash.
-class DeviceMemory {
- public:
-  ~DeviceMemory() {
-    for (void* p : blocks_) cudaFree(p);
-  }
-  void* allocate(size_t bytes) {
-    if (bytes == 0) return nullptr;
-    void* p = nullptr;
-    const cudaError_t error = cudaMalloc(&p, bytes);
-    if (error != cudaSuccess) {
-      error_ = cuda_error_text("cudaMalloc", error);
-      cudaGetLastError();
-      return nullptr;
-    }
-    blocks_.push_back(p);
-    return p;
-  }
-  const std::string& error() const { return error_; }
-
- private:
-  std::vector<void*> blocks_;
-  std::string error_;
-};
-
-// Timing events and an L2-sized buffer to overwrite before every sample.
-class SampleTimer {
- public:
-  SampleTimer() {
-    int device = 0;
-    cudaGetDevice(&device);
-    int l2_bytes = 0;
-    cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device);
-    flush_bytes_ = 2 * static_cast<size_t>(l2_bytes);
-    cudaMalloc(&flush_, flush_bytes_);
-    cudaEventCreate(&start_);
-    cudaEventCreate(&stop_);
-  }
-  ~SampleTimer() {
-    cudaFree(flush_);
-    cudaEventDestroy(start_);
-    cudaEventDestroy(stop_);
-  }
-  // Flushes L2, runs `work` between two events, returns seconds.
-  template <typename Work>
-  double time(cudaStream_t stream, Work&& work) {
-    cudaMemsetAsync(flush_, 0, flush_bytes_, stream);
-    cudaEventRecord(start_, stream);
-    work();
-    cudaEventRecord(stop_, stream);
-    cudaEventSynchronize(stop_);
-    float milliseconds = 0.0f;
-    cudaEventElapsedTime(&milliseconds, start_, stop_);
-    return milliseconds * 1e-3;
-  }
-
- private:
-  void* flush_ = nullptr;
-  size_t flush_bytes_ = 0;
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
-};
 
 void d2d_copy(benchmark::State& state) {
   const auto bytes = static_cast<size_t>(state.range(0));
@@ -91,35 +25,62 @@ void d2d_copy(benchmark::State& state) {
     return;
   }
   cudaMemset(source, 1, bytes);
-  SampleTimer timer;
-  for (auto _ : state) {
-    state.SetIterationTime(timer.time(nullptr, [&] {
-      cudaMemcpyAsync(destination, source, bytes, cudaMemcpyDeviceToDevice, nullptr);
-    }));
-  }
+  time_iterations(state, [&] {
+    cudaMemcpyAsync(destination, source, bytes, cudaMemcpyDeviceToDevice, nullptr);
+    return std::string();
+  });
   state.SetBytesProcessed(static_cast<int64_t>(2 * bytes * state.iterations()));  // read + write
 }
 
-template <typename T>
-__device__ T from_float(float value);
-template <>
-__device__ float from_float<float>(float value) {
-  return value;
-}
-template <>
-__device__ __half from_float<__half>(float value) {
-  return __float2half_rn(value);
-}
-template <>
-__device__ __nv_bfloat16 from_float<__nv_bfloat16>(float value) {
-  return __float2bfloat16_rn(value);
+constexpr int kReadThreads = 256;
+constexpr int kReadUnroll = 4;
+
+// Reads `vectors` 16-byte words once and adds them into *sum, so that nothing
+// is optimized away: the fastest plain read of memory, with kReadUnroll
+// independent loads in flight per thread.
+__global__ void sum_vectors(const uint4* __restrict__ data, int64_t vectors, unsigned int* sum) {
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  unsigned int total = 0;
+  for (; i + (kReadUnroll - 1) * stride < vectors; i += kReadUnroll * stride) {
+    uint4 v[kReadUnroll];
+#pragma unroll
+    for (int u = 0; u < kReadUnroll; ++u) v[u] = data[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < kReadUnroll; ++u) total += v[u].x + v[u].y + v[u].z + v[u].w;
+  }
+  for (; i < vectors; i += stride) {
+    const uint4 v = data[i];
+    total += v.x + v.y + v.z + v.w;
+  }
+  for (int offset = 16; offset > 0; offset /= 2) total += __shfl_down_sync(0xffffffffu, total, offset);
+  if (threadIdx.x % 32 == 0) atomicAdd(sum, total);
 }
 
-template <typename T>
-__global__ void fill_gradients(T* out, int64_t n, Distribution distribution, uint64_t tensor) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    out[i] = from_float<T>(gradient_value(distribution, 1, tensor, static_cast<uint64_t>(i)));
+// One read of `bytes` (a multiple of 16): the floor of a selection pass, so
+// that selection time / one read of the gradients comes from the same run.
+void read_roofline(benchmark::State& state) {
+  const auto bytes = static_cast<size_t>(state.range(0));
+  DeviceMemory memory;
+  void* data = memory.allocate(bytes);
+  auto* sum = memory.allocate_array<unsigned int>(1);
+  if (data == nullptr || sum == nullptr) {
+    state.SkipWithError(memory.error().c_str());
+    return;
   }
+  cudaMemset(data, 1, bytes);
+  // One full wave of resident blocks; the grid-stride loop covers the rest.
+  int device = 0, multiprocessors = 0, blocks_per_multiprocessor = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, sum_vectors, kReadThreads, 0);
+  const int blocks = multiprocessors * blocks_per_multiprocessor;
+  const auto vectors = static_cast<int64_t>(bytes / sizeof(uint4));
+  time_iterations(state, [&] {
+    sum_vectors<<<blocks, kReadThreads>>>(static_cast<const uint4*>(data), vectors, sum);
+    return std::string();
+  });
+  state.SetBytesProcessed(static_cast<int64_t>(bytes * state.iterations()));
 }
 
 template <typename T>
@@ -129,56 +90,69 @@ __global__ void fill_params(T* out, int64_t n, uint64_t tensor) {
   }
 }
 
-template <typename Fill>
-void launch_fill(gmtkDtype_t dtype, void* out, Fill&& fill) {
-  switch (dtype) {
-    case GMTK_FLOAT32: fill(static_cast<float*>(out)); break;
-    case GMTK_FLOAT16: fill(static_cast<__half*>(out)); break;
-    case GMTK_BFLOAT16: fill(static_cast<__nv_bfloat16*>(out)); break;
-  }
-}
+struct HandleDestroyer {
+  void operator()(gmtkHandle_t handle) const { gmtkHandleDestroy(handle); }
+};
+struct PlanDestroyer {
+  void operator()(gmtkPlan_t plan) const { gmtkPlanDestroy(plan); }
+};
+using OwnedHandle = std::unique_ptr<gmtkHandle, HandleDestroyer>;
+using OwnedPlan = std::unique_ptr<gmtkPlan, PlanDestroyer>;
 
 // Asks a one-tensor plan for its workspace size: cheap, and tells whether the
 // CUDA backend runs this configuration before gigabytes are allocated.
 bool backend_supports(gmtkHandle_t handle, const StepSpec& spec, std::string* reason) {
+  // Runs the call once on a 256-entry plan with every buffer the spec uses:
+  // cheap, and tells whether the CUDA backend runs this configuration before
+  // gigabytes are allocated and filled.
+  constexpr int64_t kEntries = 256;
   DeviceMemory memory;
   gmtkTensor_t tensor{};
-  tensor.numel = 256;
+  tensor.numel = kEntries;
   tensor.grad_dtype = spec.grad_dtype;
   tensor.param_dtype = spec.param_dtype;
-  tensor.grad = memory.allocate(256 * sizeof(float));
+  tensor.grad = memory.allocate(kEntries * sizeof(float));
+  if (spec.call == Call::step) {
+    tensor.param = memory.allocate(kEntries * sizeof(float));
+    tensor.exp_avg = memory.allocate_array<float>(kEntries);
+    tensor.exp_avg_sq = memory.allocate_array<float>(kEntries);
+    if (spec.master) tensor.master_param = memory.allocate_array<float>(kEntries);
+  }
   const gmtkGroupConfig_t group = spec.group();
   gmtkPlanConfig_t config = GMTK_PLAN_CONFIG_INIT;
   config.groups = &group;
   config.num_groups = 1;
   config.tensors = &tensor;
   config.num_tensors = 1;
+  config.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
   gmtkPlan_t plan = nullptr;
-  size_t bytes = 0;
-  const bool supported =
-      gmtkPlanCreate(handle, &config, &plan) == GMTK_SUCCESS && gmtkPlanGetWorkspaceSize(plan, &bytes) == GMTK_SUCCESS;
-  if (!supported) *reason = gmtkGetLastErrorMessage();
+  const gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+  bool supported = memory.error().empty() && gmtkPlanCreate(handle, &config, &plan) == GMTK_SUCCESS &&
+                   spec.invoke(plan, args, nullptr, 0, nullptr) == GMTK_SUCCESS;
+  if (!supported) *reason = memory.error().empty() ? gmtkGetLastErrorMessage() : memory.error();
   gmtkPlanDestroy(plan);
+  if (supported && cudaDeviceSynchronize() != cudaSuccess) {
+    *reason = cuda_error_text("a 256-entry trial call", cudaGetLastError());
+    supported = false;
+  }
   return supported;
 }
 
 void gpu_call(benchmark::State& state, const StepSpec& spec) {
+  auto skip = [&](const std::string& reason) { state.SkipWithError(reason.c_str()); };
   gmtkHandleConfig_t handle_config = GMTK_HANDLE_CONFIG_INIT;
-  gmtkHandle_t handle = nullptr;
-  if (gmtkHandleCreate(&handle, &handle_config) != GMTK_SUCCESS) {
-    state.SkipWithError(gmtkGetLastErrorMessage());
-    return;
-  }
-  std::string unsupported;
-  if (!backend_supports(handle, spec, &unsupported)) {
-    state.SkipWithError(unsupported.c_str());
-    gmtkHandleDestroy(handle);
-    return;
-  }
+  gmtkHandle_t created_handle = nullptr;
+  if (gmtkHandleCreate(&created_handle, &handle_config) != GMTK_SUCCESS) return skip(gmtkGetLastErrorMessage());
+  const OwnedHandle handle(created_handle);
+  std::string failure;
+  if (!backend_supports(handle.get(), spec, &failure)) return skip(failure);
+
   DeviceMemory memory;
+  Gradients gradients;
+  if (!make_gradients(memory, spec.shapes, spec.grad_dtype, spec.distribution, &gradients, &failure)) {
+    return skip(failure);
+  }
   std::vector<gmtkTensor_t> tensors(spec.shapes.numels.size());
-  const int threads = 256;
-  const int blocks = 4096;
   for (size_t t = 0; t < tensors.size(); ++t) {
     const int64_t n = spec.shapes.numels[t];
     gmtkTensor_t& d = tensors[t];
@@ -186,35 +160,33 @@ void gpu_call(benchmark::State& state, const StepSpec& spec) {
     d.numel = n;
     d.grad_dtype = spec.grad_dtype;
     d.param_dtype = spec.param_dtype;
-    d.grad = memory.allocate(n * dtype_bytes(spec.grad_dtype));
-    launch_fill(spec.grad_dtype, d.grad,
-                [&](auto* out) { fill_gradients<<<blocks, threads>>>(out, n, spec.distribution, t); });
-    if (spec.call == Call::step) {
-      d.param = memory.allocate(n * dtype_bytes(spec.param_dtype));
-      launch_fill(spec.param_dtype, d.param, [&](auto* out) { fill_params<<<blocks, threads>>>(out, n, t); });
-      d.exp_avg = static_cast<float*>(memory.allocate(n * sizeof(float)));
-      if (d.exp_avg != nullptr) cudaMemset(d.exp_avg, 0, n * sizeof(float));
-      if (spec.optimizer != GMTK_OPTIMIZER_SGD) {
-        d.exp_avg_sq = static_cast<float*>(memory.allocate(n * sizeof(float)));
-        if (d.exp_avg_sq != nullptr) cudaMemset(d.exp_avg_sq, 0, n * sizeof(float));
-      }
-      if (spec.master) {
-        d.master_param = static_cast<float*>(memory.allocate(n * sizeof(float)));
-        launch_fill(GMTK_FLOAT32, d.master_param, [&](auto* out) { fill_params<<<blocks, threads>>>(out, n, t); });
-      }
+    d.grad = gradients.tensor(t);
+    if (spec.call != Call::step) continue;
+    const int blocks = fill_blocks(n);
+    d.param = memory.allocate(n * dtype_bytes(spec.param_dtype));
+    launch_fill(spec.param_dtype, d.param, [&](auto* out) { fill_params<<<blocks, kFillThreads>>>(out, n, t); });
+    d.exp_avg = memory.allocate_array<float>(n);
+    if (d.exp_avg != nullptr) cudaMemset(d.exp_avg, 0, n * sizeof(float));
+    if (spec.optimizer != GMTK_OPTIMIZER_SGD) {
+      d.exp_avg_sq = memory.allocate_array<float>(n);
+      if (d.exp_avg_sq != nullptr) cudaMemset(d.exp_avg_sq, 0, n * sizeof(float));
     }
-    if (!memory.error().empty()) {
-      state.SkipWithError(memory.error().c_str());
-      gmtkHandleDestroy(handle);
-      return;
+    if (spec.master) {
+      d.master_param = memory.allocate_array<float>(n);
+      launch_fill(GMTK_FLOAT32, d.master_param, [&](auto* out) { fill_params<<<blocks, kFillThreads>>>(out, n, t); });
     }
+    if (!memory.error().empty()) return skip(memory.error());
+  }
+  // gmtkMaskGradients zeroes the masked entries in place: every sample starts
+  // from a pristine copy of the gradients, restored outside the timed region.
+  void* pristine = nullptr;
+  if (spec.call == Call::mask) {
+    pristine = memory.allocate(gradients.bytes);
+    if (pristine == nullptr) return skip(memory.error());
+    cudaMemcpy(pristine, gradients.data, gradients.bytes, cudaMemcpyDeviceToDevice);
   }
   const cudaError_t fill_error = cudaDeviceSynchronize();
-  if (fill_error != cudaSuccess) {
-    state.SkipWithError(cuda_error_text("filling the tensors", fill_error).c_str());
-    gmtkHandleDestroy(handle);
-    return;
-  }
+  if (fill_error != cudaSuccess) return skip(cuda_error_text("filling the tensors", fill_error));
 
   const gmtkGroupConfig_t group = spec.group();
   gmtkPlanConfig_t plan_config = GMTK_PLAN_CONFIG_INIT;
@@ -222,45 +194,83 @@ void gpu_call(benchmark::State& state, const StepSpec& spec) {
   plan_config.num_groups = 1;
   plan_config.tensors = tensors.data();
   plan_config.num_tensors = static_cast<int64_t>(tensors.size());
-  gmtkPlan_t plan = nullptr;
+  gmtkPlan_t created_plan = nullptr;
+  if (gmtkPlanCreate(handle.get(), &plan_config, &created_plan) != GMTK_SUCCESS) return skip(gmtkGetLastErrorMessage());
+  const OwnedPlan plan(created_plan);
   size_t workspace_bytes = 0;
-  if (gmtkPlanCreate(handle, &plan_config, &plan) != GMTK_SUCCESS ||
-      gmtkPlanGetWorkspaceSize(plan, &workspace_bytes) != GMTK_SUCCESS) {
-    state.SkipWithError(gmtkGetLastErrorMessage());
-    gmtkPlanDestroy(plan);
-    gmtkHandleDestroy(handle);
-    return;
-  }
+  if (gmtkPlanGetWorkspaceSize(plan.get(), &workspace_bytes) != GMTK_SUCCESS) return skip(gmtkGetLastErrorMessage());
   void* workspace = memory.allocate(workspace_bytes);
   auto* outputs = static_cast<float*>(memory.allocate(tensors.size() * sizeof(float) + 256));
+  if (!memory.error().empty()) return skip(memory.error());
   gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
   args.thresholds = outputs;
   args.found_inf = outputs + tensors.size();
 
-  SampleTimer timer;
   int64_t step = 0;
-  for (auto _ : state) {
-    args.step = ++step;
-    gmtkStatus_t status = GMTK_SUCCESS;
-    const double seconds = timer.time(nullptr, [&] { status = spec.invoke(plan, args, workspace, workspace_bytes, nullptr); });
-    if (status != GMTK_SUCCESS) {
-      state.SkipWithError(gmtkGetLastErrorMessage());
-      break;
-    }
-    state.SetIterationTime(seconds);
-  }
+  time_iterations(
+      state,
+      [&] {
+        if (pristine != nullptr) {
+          cudaMemcpyAsync(gradients.data, pristine, gradients.bytes, cudaMemcpyDeviceToDevice, nullptr);
+        }
+      },
+      [&] {
+        args.step = ++step;
+        const gmtkStatus_t status = spec.invoke(plan.get(), args, workspace, workspace_bytes, nullptr);
+        return status == GMTK_SUCCESS ? std::string() : std::string(gmtkGetLastErrorMessage());
+      });
   state.SetBytesProcessed(static_cast<int64_t>(spec.floor_bytes() * static_cast<double>(state.iterations())));
   state.counters["entries"] = static_cast<double>(spec.shapes.total());
   state.counters["tensors"] = static_cast<double>(tensors.size());
-  gmtkPlanDestroy(plan);
-  gmtkHandleDestroy(handle);
 }
 
+// Registers `spec` once: lists built for different targets may share a run.
 void register_spec(const StepSpec& spec) {
-  registered_specs()[spec.name()] = spec;
+  if (!registered_specs().emplace(spec.name(), spec).second) return;
   benchmark::RegisterBenchmark(spec.name().c_str(), [spec](benchmark::State& state) { gpu_call(state, spec); })
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond);
+}
+
+// Selection and masking alone, on the shapes of PERFORMANCE.md: selection
+// time / one read of g (<= 2.2 fp32, <= 1.15 bf16) at ratios 0.5, 0.9, 0.99,
+// global / per-tensor scope on the Llama list, launch overhead at 300 and
+// 20,000 tensors, adversarial / Gaussian data (<= 1.5) on the flat fp32
+// tensor, and ratio 0 (no selection work) in fp32 only, as that path does not
+// read the gradients. Not the full cross product: the run must stay short.
+std::vector<StepSpec> selection_specs(const StepSpec& base) {
+  const ShapeList flat_1e9 = flat(1000000000);
+  const ShapeList& llama = base.shapes;
+  const ShapeList small = many_small(300, 65536);
+  const ShapeList tiny = many_small(20000, 256);
+  std::vector<StepSpec> specs;
+  auto add = [&](Call call, gmtkDtype_t dtype, const ShapeList& shapes, double ratio,
+                 gmtkScope_t scope = GMTK_SCOPE_PER_TENSOR, Distribution distribution = Distribution::student_t3) {
+    StepSpec spec = base;
+    spec.call = call;
+    spec.grad_dtype = dtype;
+    spec.shapes = shapes;
+    spec.ratio = ratio;
+    spec.scope = scope;
+    spec.distribution = distribution;
+    specs.push_back(spec);
+  };
+  for (gmtkDtype_t dtype : {GMTK_FLOAT32, GMTK_BFLOAT16}) {
+    for (double ratio : {0.5, 0.9, 0.99}) {
+      add(Call::select, dtype, flat_1e9, ratio);
+      add(Call::select, dtype, llama, ratio);
+      add(Call::select, dtype, llama, ratio, GMTK_SCOPE_GLOBAL);
+    }
+    add(Call::select, dtype, small, 0.9);
+    add(Call::select, dtype, tiny, 0.9);
+    for (const ShapeList* shapes : {&flat_1e9, &llama, &small, &tiny}) add(Call::mask, dtype, *shapes, 0.9);
+  }
+  for (const ShapeList* shapes : {&flat_1e9, &llama, &tiny}) add(Call::select, GMTK_FLOAT32, *shapes, 0.0);
+  add(Call::mask, GMTK_FLOAT32, flat_1e9, 0.0);
+  for (Distribution distribution : {Distribution::gaussian, Distribution::quantized, Distribution::zeros}) {
+    add(Call::select, GMTK_FLOAT32, flat_1e9, 0.9, GMTK_SCOPE_PER_TENSOR, distribution);
+  }
+  return specs;
 }
 
 }  // namespace
@@ -275,6 +285,13 @@ bool register_gpu_benchmarks(int llama_layers, std::string* reason) {
   }
   benchmark::RegisterBenchmark("gpu/d2d_copy", d2d_copy)
       ->Arg(int64_t{1} << 30)
+      ->ArgName("bytes")
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+  // One read of 1e9 fp32 and of 1e9 bf16 gradients (a name of read_roofline_name()).
+  benchmark::RegisterBenchmark("gpu/read_roofline", read_roofline)
+      ->Arg(4000000000)
+      ->Arg(2000000000)
       ->ArgName("bytes")
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond);
@@ -296,6 +313,14 @@ bool register_gpu_benchmarks(int llama_layers, std::string* reason) {
     small.shapes = many_small(300, 65536);
     small.ratio = ratio;
     register_spec(small);
+  }
+  for (const StepSpec& spec : selection_specs(base)) {
+    register_spec(spec);
+    // CUB's way to the same thresholds, for each selection that does work on
+    // realistic (heavy-tailed) gradients.
+    if (spec.call == Call::select && spec.ratio > 0 && spec.distribution == Distribution::student_t3) {
+      register_sort_baseline(SortBaselineSpec::for_selection(spec));
+    }
   }
   return true;
 }

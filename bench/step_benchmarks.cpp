@@ -121,4 +121,55 @@ std::string copy_benchmark_name(const std::string& device) {
   return device == "gpu" ? "gpu/d2d_copy/bytes:1073741824" : "cpu/memcpy/bytes:268435456";
 }
 
+namespace {
+const std::string kReadRoofline = "gpu/read_roofline";
+}  // namespace
+
+std::string read_roofline_name(int64_t bytes) { return kReadRoofline + "/bytes:" + std::to_string(bytes); }
+
+bool is_read_roofline(const std::string& benchmark_name) {
+  return benchmark_name.compare(0, kReadRoofline.size() + 1, kReadRoofline + "/") == 0;
+}
+
+SortBaselineSpec SortBaselineSpec::for_selection(const StepSpec& select) {
+  constexpr size_t kMostTensorsSortedOneByOne = 64;
+  SortBaselineSpec spec;
+  if (select.scope == GMTK_SCOPE_GLOBAL) {
+    spec.method = SortBaseline::sort_concatenated;
+  } else {
+    spec.method = select.shapes.numels.size() <= kMostTensorsSortedOneByOne ? SortBaseline::sort_per_tensor
+                                                                            : SortBaseline::segmented_sort;
+  }
+  spec.grad_dtype = select.grad_dtype;
+  spec.ratio = select.ratio;
+  spec.distribution = select.distribution;
+  spec.shapes = select.shapes;
+  return spec;
+}
+
+const char* SortBaselineSpec::method_name() const {
+  switch (method) {
+    case SortBaseline::sort_per_tensor: return "sort_per_tensor";
+    case SortBaseline::sort_concatenated: return "sort_concatenated";
+    case SortBaseline::segmented_sort: return "segmented_sort";
+  }
+  return "?";
+}
+
+std::string SortBaselineSpec::name() const {
+  std::ostringstream out;
+  out << "gpu/cub_baseline/" << method_name() << "/" << dtype_name(grad_dtype) << "/" << shapes.name << "/"
+      << distribution_name(distribution) << "/ratio:" << ratio;
+  return out.str();
+}
+
+double SortBaselineSpec::floor_bytes() const {
+  return static_cast<double>(shapes.total()) * static_cast<double>(dtype_bytes(grad_dtype));
+}
+
+std::map<std::string, SortBaselineSpec>& registered_sort_baselines() {
+  static std::map<std::string, SortBaselineSpec> specs;
+  return specs;
+}
+
 }  // namespace gmtk_bench

@@ -1,5 +1,6 @@
-// The benchmarks of a gmtk call (step, selection, mask) and their registry,
-// which the reporter uses to pair each run with its baseline.
+// The benchmarks of a gmtk call (step, selection, mask), the CUB baselines of
+// selection, and their registries, which the reporter uses to pair each run
+// with its baselines.
 #pragma once
 
 #include <gmtk/gmtk.h>
@@ -57,8 +58,46 @@ std::map<std::string, StepSpec>& registered_specs();
 // The copy benchmark whose bandwidth is the roofline of each device.
 std::string copy_benchmark_name(const std::string& device);
 
+// The GPU one-read roofline: a kernel that reads `bytes` once and writes one
+// value, the floor of a selection (PERFORMANCE.md: selection time / one read).
+std::string read_roofline_name(int64_t bytes);
+bool is_read_roofline(const std::string& benchmark_name);
+
+// A selection built from CUB radix sorts, the baseline that gmtk's selection
+// is compared with. Each run writes the |g| keys (the gradient bits with the
+// sign cleared) with a transform, sorts them and reads T = the k-th largest
+// key, k = n - floor(r n) as gmtk counts it:
+//   sort_per_tensor    one DeviceRadixSort per tensor, one tensor after another;
+//   sort_concatenated  the keys of all tensors in one buffer, one sort (global scope);
+//   segmented_sort     the keys of all tensors in one buffer, one
+//                      DeviceSegmentedRadixSort with a segment per tensor.
+enum class SortBaseline { sort_per_tensor, sort_concatenated, segmented_sort };
+
+struct SortBaselineSpec {
+  SortBaseline method = SortBaseline::sort_per_tensor;
+  gmtkDtype_t grad_dtype = GMTK_FLOAT32;
+  double ratio = 0.9;
+  Distribution distribution = Distribution::student_t3;
+  ShapeList shapes;
+
+  // The CUB way to make the selection of `select`: the concatenated sort for
+  // global scope; per tensor, a loop of sorts over a few tensors and the
+  // segmented sort over many (a loop over hundreds would time its launches).
+  static SortBaselineSpec for_selection(const StepSpec& select);
+
+  std::string name() const;
+  const char* method_name() const;
+  // Bytes a selection must move at the least: one read of the gradients.
+  double floor_bytes() const;
+};
+
+// Every registered CUB baseline by benchmark name.
+std::map<std::string, SortBaselineSpec>& registered_sort_baselines();
+
 void register_cpu_benchmarks(bool large);
 // Returns false, with the reason, when no CUDA device is usable.
 bool register_gpu_benchmarks(int llama_layers, std::string* reason);
+// Registers a CUB baseline (once per name; cub_baselines.cu).
+void register_sort_baseline(const SortBaselineSpec& spec);
 
 }  // namespace gmtk_bench
