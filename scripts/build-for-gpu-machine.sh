@@ -14,6 +14,11 @@ benchmark_library=$(ldd build-gpu/bench/gmtk_bench | awk '/libbenchmark/ {print 
 cp -L "$benchmark_library" build-gpu/bench/
 mkdir -p .carry
 if [ -f ../shared/tools/torch_anchors.py ]; then cp ../shared/tools/torch_anchors.py .carry/; fi
+# The independent differential test (../shared/acceptance), beside the library it tests.
+if [ -f ../shared/acceptance/build.sh ]; then
+  bash ../shared/acceptance/build.sh . build-gpu .carry/acceptance
+  cp -a build-gpu/libgmtk.so* .carry/acceptance/
+fi
 # What travels must stay under the device tool's 64 MiB.
 du -sh build-gpu .carry
 for binary in build-gpu/libgmtk.so build-gpu/tests/gmtk_gpu_tests build-gpu/tests/gmtk_cpu_tests build-gpu/bench/gmtk_bench; do
