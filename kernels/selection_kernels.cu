@@ -111,7 +111,7 @@ __device__ void flush_stage(const uint32_t* stage, uint32_t* stage_count, unsign
 // over the chunk table; each chunk belongs to one set, whose histogram the
 // block accumulates in shared memory and flushes when the set changes.
 template <int kLevel>
-__global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 1 ? 1 : 2)
+__global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 0 ? 2 : 1)
     histogram_pass(SelectionLaunch p, uint64_t chunk_end, uint32_t shared_bins) {
   extern __shared__ uint32_t shared[];
   uint32_t* histogram = shared;
