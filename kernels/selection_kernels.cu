@@ -107,9 +107,10 @@ __device__ void flush_stage(const uint32_t* stage, uint32_t* stage_count, unsign
   __syncthreads();
 }
 
-// Passes A (level 0), B (level 1) and C (level 2): persistent blocks stride
-// over the chunk table; each chunk belongs to one set, whose histogram the
-// block accumulates in shared memory and flushes when the set changes.
+// Passes A (level 0), B (level 1) and C (level 2): each persistent block
+// takes a contiguous run of the chunk table; each chunk belongs to one set,
+// whose histogram the block accumulates in shared memory and flushes when
+// the set changes (so about once per block and per set).
 template <int kLevel>
 __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 0 ? 2 : 1)
     histogram_pass(SelectionLaunch p, uint64_t chunk_end, uint32_t shared_bins) {
@@ -130,7 +131,8 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 
   uint32_t pending_bins = 0;
   uint64_t pending_entries = 0;
 
-  for (uint64_t c = blockIdx.x; c < chunk_end; c += gridDim.x) {
+  const Range chunks = block_chunks(blockIdx.x, gridDim.x, chunk_end);
+  for (uint64_t c = chunks.begin; c < chunks.end; ++c) {
     const ChunkWork work = chunk_work(p, kLevel, c);
     if (work.idle()) continue;  // the same decision in every thread
     const ChunkRecord chunk = p.chunks[c];
@@ -176,8 +178,11 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 
         }
       }
       if (kLevel == 1 && work.gather) {
+        // Every append of this round lands before any thread reads the
+        // count, and all threads take the same decision before the next
+        // round appends again.
         __syncthreads();
-        if (stage_count > SelectionPolicy::kStageFlushAt) {
+        if (__syncthreads_or(stage_count > SelectionPolicy::kStageFlushAt)) {
           flush_stage(stage, &stage_count, &stage_base, p.states + chunk.set, region, set.candidate_capacity);
         }
       }
@@ -337,8 +342,15 @@ constexpr size_t kPassCShared = kLargeFloat32Bins * sizeof(uint32_t);
 cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupancy) {
   cudaError_t error = cudaDeviceGetAttribute(&occupancy->multiprocessors, cudaDevAttrMultiProcessorCount, device);
   if (error != cudaSuccess) return error;
+  int shared_optin = 0;
+  error = cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error != cudaSuccess) return error;
+  // sm_80 and sm_90 give a block 163 KB / 227 KB; sm_86 and sm_89 only 99 KB,
+  // too little for the 15-bit histogram: there the plan sends fp16/bf16 sets
+  // to the one-block path instead (SelectionOccupancy::wide_histogram).
+  occupancy->wide_histogram = static_cast<size_t>(shared_optin) >= kPassAWideShared + 1024;
   error = cudaFuncSetAttribute(histogram_pass<0>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(kPassAWideShared));
+                               static_cast<int>(occupancy->wide_histogram ? kPassAWideShared : kPassANarrowShared));
   if (error != cudaSuccess) return error;
   error = cudaFuncSetAttribute(histogram_pass<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(kPassBShared));
@@ -361,6 +373,7 @@ cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupanc
       {&occupancy->apply, reinterpret_cast<const void*>(apply_keep_rule), SelectionPolicy::kApplyThreads, 0},
   };
   for (const auto& k : kernels) {
+    if (k.blocks == &occupancy->pass_a_wide && !occupancy->wide_histogram) continue;
     error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(k.blocks, k.kernel, k.threads, k.shared);
     if (error != cudaSuccess) return error;
     *k.blocks = (*k.blocks < 1 ? 1 : *k.blocks) * occupancy->multiprocessors;

@@ -15,6 +15,7 @@ struct SelectionOccupancy {
   int pass_b = 0;
   int pass_c = 0;
   int apply = 0;
+  bool wide_histogram = false;  // a block may hold pass A's 128 KB histogram (large fp16/bf16 sets)
 };
 
 // Raises the shared-memory limit of the kernels that need more than 48 KB and

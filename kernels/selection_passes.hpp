@@ -24,6 +24,15 @@ struct ChunkWork {
   GMTK_HD bool idle() const { return source == ChunkSource::skip && !check_non_finite; }
 };
 
+// The contiguous run of chunks [0, chunk_end) that block `block` of `blocks`
+// takes in passes A, B and C: neighbouring chunks mostly share a set, so a
+// block flushes its shared histogram about once per set it meets.
+GMTK_HD Range block_chunks(uint32_t block, uint32_t blocks, uint64_t chunk_end) {
+  const uint64_t per_block = (chunk_end + blocks - 1) / blocks;
+  const uint64_t begin = per_block * block < chunk_end ? per_block * block : chunk_end;
+  return {begin, begin + per_block < chunk_end ? begin + per_block : chunk_end};
+}
+
 // What the block that takes chunk `c` does at `level` (0: pass A, 1: B, 2: C).
 // Depends on the chunk's data only, so it is the same for every thread.
 GMTK_HD ChunkWork chunk_work(const SelectionLaunch& p, int level, uint64_t c) {
@@ -36,14 +45,16 @@ GMTK_HD ChunkWork chunk_work(const SelectionLaunch& p, int level, uint64_t c) {
   work.source = selecting ? ChunkSource::gradients : ChunkSource::skip;
   work.digit = digit_plan(set.dtype, true).digit[level];
   if (level > 0 && selecting) {
-    const SetState state = p.states[chunk.set];
+    // Field by field: during pass B other blocks advance the candidate
+    // cursor of the same record, which only pass C reads.
+    const SetState& state = p.states[chunk.set];
     work.source = refinement_source(state, level);
     work.prefix = state.prefix;
     work.gather = level == 1 && work.source == ChunkSource::gradients && state.gather != 0;
     if (work.source == ChunkSource::candidates) {
       // Never past the region, whatever the cursor says.
-      const uint64_t gathered = state.candidates_gathered < set.candidate_capacity ? state.candidates_gathered
-                                                                                     : set.candidate_capacity;
+      const uint64_t cursor = state.candidates_gathered;
+      const uint64_t gathered = cursor < set.candidate_capacity ? cursor : set.candidate_capacity;
       work.candidates = candidate_slice(gathered, chunk.ordinal, set.chunk_count);
     }
   }

@@ -147,7 +147,10 @@ class CudaBackend final : public Backend {
                   plan.tensors.size());
     }
     auto state = std::make_unique<CudaPlanState>(device_);
-    state->tables = kernels::build_selection_tables(plan.groups, plan.tensors, kernels::SelectionTuning{});
+    kernels::SelectionTuning tuning;
+    // Without room for the 15-bit histogram, fp16/bf16 sets of any size take the one-block path.
+    if (!occupancy_.wide_histogram) tuning.small_set_limit_16bit = UINT64_MAX;
+    state->tables = kernels::build_selection_tables(plan.groups, plan.tensors, tuning);
     state->workspace = kernels::selection_workspace(state->tables);
     kernels::SelectionLaunch& launch = state->launch;
     kernels::bind_table_sizes(state->tables, &launch);

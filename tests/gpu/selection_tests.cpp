@@ -1117,6 +1117,28 @@ TEST_CASE("CUDA selection and masking equal the CPU reference bit for bit: a sma
   check_no_cuda_error_left();
 }
 
+// The multi-block path (pass A's histograms, the scans, pass B's staged
+// candidates, pass C from candidates and from a re-read, fp16/bf16's 15-bit
+// histogram) starts at 2^18 fp32 or 2^21 16-bit entries a set: this case puts
+// it in the [small] subset that compute-sanitizer runs.
+TEST_CASE("CUDA equals the CPU reference on the large-set path, gathering and overflowing candidates",
+          "[selection][small]") {
+  Stream stream;
+  Case c;
+  c.name = "small, large sets";
+  c.seed = 30;
+  c.groups = {selection_group(0.9, GMTK_SCOPE_PER_TENSOR), selection_group(0.5, GMTK_SCOPE_GLOBAL),
+              selection_group(0.99, GMTK_SCOPE_PER_TENSOR)};
+  c.tensors = {tensor(0, (int64_t{1} << 18) + 5, GMTK_FLOAT32, Content::gaussian, 4),    // candidates fit
+               tensor(0, (int64_t{1} << 18) + 3, GMTK_FLOAT32, Content::two_values, 8),  // they overflow
+               tensor(1, 150001, GMTK_FLOAT32, Content::heavy_tail),                     // one global set of
+               tensor(1, 150003, GMTK_FLOAT32, Content::quantized_256, 12),              // two tensors
+               tensor(2, (int64_t{1} << 21) + 3, GMTK_BFLOAT16, Content::gaussian, 2)};   // 15-bit histogram
+  prepare(c);
+  run_differential(c, stream.get());
+  check_no_cuda_error_left();
+}
+
 TEST_CASE("CUDA equals the CPU reference for every gradient content, dtype and ratio, in both scopes", "[selection]") {
   Stream stream;
   std::vector<Content> contents(std::begin(kFiniteContents), std::end(kFiniteContents));
@@ -1478,6 +1500,7 @@ TEST_CASE("a call captured in a CUDA graph and replayed gives the bits of eager 
   c.groups = {selection_group(0.9, GMTK_SCOPE_PER_TENSOR), selection_group(0.5, GMTK_SCOPE_GLOBAL)};
   c.tensors = {tensor(0, 1000, GMTK_FLOAT32, Content::gaussian, 4), tensor(0, 0, GMTK_FLOAT32, Content::gaussian),
                tensor(0, 513, GMTK_FLOAT32, Content::quantized_256),
+               tensor(0, (int64_t{1} << 18) + 1, GMTK_FLOAT32, Content::gaussian),  // the multi-block passes
                tensor(1, 700, GMTK_BFLOAT16, Content::gaussian, 2),
                tensor(1, 1025, GMTK_BFLOAT16, Content::heavy_tail)};
   c.use_inv_scale = true;

@@ -123,7 +123,8 @@ class HostSelectionEngine {
       uint32_t pending_set = kNoPendingSet, pending_bins = 0;
       uint64_t pending_entries = 0;
       bool non_finite = false;
-      for (uint64_t c = block; c < chunk_end; c += persistent_blocks_) {
+      const Range chunks = block_chunks(block, persistent_blocks_, chunk_end);
+      for (uint64_t c = chunks.begin; c < chunks.end; ++c) {
         const ChunkWork work = chunk_work(p, level, c);
         if (work.idle()) continue;
         const ChunkRecord chunk = p.chunks[c];
