@@ -69,6 +69,30 @@ __device__ __forceinline__ void store_item(uint64_t base, uint32_t dtype, Range 
   *reinterpret_cast<uint4*>(address) = make_uint4(words[0], words[1], words[2], words[3]);
 }
 
+// Adds a thread's consecutive counts of one bin with one shared atomic: on
+// all-equal, all-zero or quantized gradients most of an item's entries fall
+// in one bin, where separate atomics would serialize.
+class BinRun {
+ public:
+  __device__ __forceinline__ void add(uint32_t* histogram, uint32_t bin) {
+    if (bin == bin_) {
+      ++count_;
+      return;
+    }
+    flush(histogram);
+    bin_ = bin;
+    count_ = 1;
+  }
+  __device__ __forceinline__ void flush(uint32_t* histogram) {
+    if (count_ != 0) atomicAdd(&histogram[bin_], count_);
+    count_ = 0;
+  }
+
+ private:
+  uint32_t bin_ = 0xFFFFFFFFu;
+  uint32_t count_ = 0;
+};
+
 __device__ __forceinline__ void zero_shared(uint32_t* counters, uint32_t n) {
   for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) counters[i] = 0;
 }
@@ -166,14 +190,27 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 
       const uint64_t i = round + threadIdx.x;
       if (i < split.items()) {
         const ItemValues item = load_item(tensor.grad, set.dtype, item_entries(split, i));
+        BinRun run;
+        uint32_t matched = 0;
 #pragma unroll
         for (uint32_t e = 0; e < 8; ++e) {
           if (e >= item.count) break;  // constant indexes keep item.raw in registers
           const EntryVisit visit = visit_entry(work, item.raw[e], set.dtype, has_scale, inv_loss_scale);
           non_finite = non_finite || visit.non_finite;
           if (visit.counted) {
-            atomicAdd(&histogram[visit.bin], 1u);
-            if (kLevel == 1 && work.gather) stage[atomicAdd(&stage_count, 1u)] = visit.key;
+            run.add(histogram, visit.bin);
+            ++matched;
+          }
+        }
+        run.flush(histogram);
+        if (kLevel == 1 && work.gather && matched != 0) {
+          // One reservation in the stage per item, then the keys in order.
+          uint32_t slot = atomicAdd(&stage_count, matched);
+#pragma unroll
+          for (uint32_t e = 0; e < 8; ++e) {
+            if (e >= item.count) break;
+            const EntryVisit visit = visit_entry(work, item.raw[e], set.dtype, has_scale, inv_loss_scale);
+            if (visit.counted) stage[slot++] = visit.key;
           }
         }
       }
@@ -255,12 +292,14 @@ __global__ void __launch_bounds__(SelectionPolicy::kSmallSetThreads) select_smal
       const VectorSplit split = split_for_vectors(tensor.grad, dtype_bytes(set.dtype), 0, tensor.numel);
       for (uint64_t i = threadIdx.x; i < split.items(); i += blockDim.x) {
         const ItemValues item = load_item(tensor.grad, set.dtype, item_entries(split, i));
+        BinRun run;
 #pragma unroll
         for (uint32_t e = 0; e < 8; ++e) {
           if (e >= item.count) break;  // constant indexes keep item.raw in registers
           const uint32_t key = magnitude_key(item.raw[e], set.dtype);
-          if (matches_prefix(key, prefix, digit)) atomicAdd(&histogram[digit_of(key, digit)], 1u);
+          if (matches_prefix(key, prefix, digit)) run.add(histogram, digit_of(key, digit));
         }
+        run.flush(histogram);
       }
     }
     __syncthreads();
