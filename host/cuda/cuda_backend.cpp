@@ -193,6 +193,14 @@ class CudaBackend final : public Backend {
         state.tables, workspace, base, plan.groups, call.args, call.operation == Operation::mask_gradients, &launch);
 
     CurrentDeviceGuard guard(device_);
+    // An error left by the caller's own earlier work would surface as ours
+    // after the launches, and be cleared: refuse before launching anything,
+    // and leave it for its owner.
+    const cudaError_t pending = cudaPeekAtLastError();
+    if (pending != cudaSuccess) {
+      return fail(GMTK_ERROR_CUDA, "a CUDA error was pending on this thread before the call (left as it is): %s",
+                  cudaGetErrorString(pending));
+    }
     const cudaError_t error = kernels::launch_selection(launch, schedule, base, workspace.zeroed_bytes, occupancy_,
                                                         reinterpret_cast<cudaStream_t>(call.stream));
     if (error != cudaSuccess) return cuda_failure("launching the selection kernels", error);
