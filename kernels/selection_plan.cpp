@@ -139,7 +139,6 @@ SelectionSchedule selection_schedule(const SelectionTables& tables, const Select
 void bind_table_sizes(const SelectionTables& tables, SelectionLaunch* launch) {
   launch->chunk_count = tables.chunks.size();
   launch->large_fp32_chunks = tables.large_fp32_chunks;
-  launch->large_chunks = tables.large_chunks;
   launch->tensor_count = static_cast<uint32_t>(tables.tensors.size());
   launch->large_set_count = static_cast<uint32_t>(tables.large_sets.size());
   launch->small_set_count = static_cast<uint32_t>(tables.small_sets.size());

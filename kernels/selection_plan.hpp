@@ -115,7 +115,6 @@ struct SelectionLaunch {
   float* found_inf;
   uint64_t chunk_count;
   uint64_t large_fp32_chunks;
-  uint64_t large_chunks;
   uint32_t tensor_count;
   uint32_t large_set_count;
   uint32_t small_set_count;

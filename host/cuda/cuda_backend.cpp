@@ -4,8 +4,9 @@
 // lands, gmtkStep answers GMTK_ERROR_NOT_SUPPORTED rather than pretending.
 #include <cuda_runtime_api.h>
 
-#include <cinttypes>
+#include <cstdio>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../../kernels/arch_probe.hpp"
@@ -29,7 +30,7 @@ constexpr const char* kStepMissing =
     "(docs/api.md, 'Status of the backends')";
 
 gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
-  cudaGetLastError();  // a launch error must not stay behind for the caller's next CUDA call
+  cudaGetLastError();  // the failed call's error must not stay behind for the caller's next CUDA call
   return fail(error == cudaErrorMemoryAllocation ? GMTK_ERROR_OUT_OF_MEMORY : GMTK_ERROR_CUDA, "%s failed: %s",
               what, cudaGetErrorString(error));
 }
@@ -66,26 +67,32 @@ class DeviceTables {
 
   // Copies the tables to one device allocation; fills the table pointers of `launch`.
   gmtkStatus_t upload(const kernels::SelectionTables& tables, kernels::SelectionLaunch* launch) {
+    struct Piece {
+      size_t offset;
+      const void* data;
+      size_t bytes;
+    };
+    Piece pieces[6];
+    size_t piece_count = 0;
     WorkspaceLayout layout;
-    const size_t tensors = layout.reserve(tables.tensors.size() * sizeof(kernels::TensorRecord));
-    const size_t sets = layout.reserve(tables.sets.size() * sizeof(kernels::SetRecord));
-    const size_t members = layout.reserve(tables.members.size() * sizeof(uint32_t));
-    const size_t chunks = layout.reserve(tables.chunks.size() * sizeof(kernels::ChunkRecord));
-    const size_t large_sets = layout.reserve(tables.large_sets.size() * sizeof(uint32_t));
-    const size_t small_sets = layout.reserve(tables.small_sets.size() * sizeof(uint32_t));
+    const auto place = [&](const auto& table) {
+      const size_t bytes = table.size() * sizeof(typename std::decay_t<decltype(table)>::value_type);
+      pieces[piece_count] = Piece{layout.reserve(bytes), table.data(), bytes};
+      return pieces[piece_count++].offset;
+    };
+    const size_t tensors = place(tables.tensors);
+    const size_t sets = place(tables.sets);
+    const size_t members = place(tables.members);
+    const size_t chunks = place(tables.chunks);
+    const size_t large_sets = place(tables.large_sets);
+    const size_t small_sets = place(tables.small_sets);
     const size_t bytes = layout.required_bytes();
     if (bytes == 0) return GMTK_SUCCESS;
     std::vector<unsigned char> image(bytes);
     unsigned char* host_base = WorkspaceLayout::aligned_base(image.data());
-    const auto put = [&](size_t offset, const void* data, size_t size) {
-      if (size != 0) std::memcpy(host_base + offset, data, size);
-    };
-    put(tensors, tables.tensors.data(), tables.tensors.size() * sizeof(kernels::TensorRecord));
-    put(sets, tables.sets.data(), tables.sets.size() * sizeof(kernels::SetRecord));
-    put(members, tables.members.data(), tables.members.size() * sizeof(uint32_t));
-    put(chunks, tables.chunks.data(), tables.chunks.size() * sizeof(kernels::ChunkRecord));
-    put(large_sets, tables.large_sets.data(), tables.large_sets.size() * sizeof(uint32_t));
-    put(small_sets, tables.small_sets.data(), tables.small_sets.size() * sizeof(uint32_t));
+    for (size_t i = 0; i < piece_count; ++i) {
+      if (pieces[i].bytes != 0) std::memcpy(host_base + pieces[i].offset, pieces[i].data, pieces[i].bytes);
+    }
 
     CurrentDeviceGuard guard(device_);
     cudaError_t error = cudaMalloc(&memory_, bytes);
@@ -168,9 +175,9 @@ class CudaBackend final : public Backend {
     CurrentDeviceGuard guard(device_);
     const cudaError_t error = cudaMalloc(workspace, bytes);
     if (error != cudaSuccess) {
-      return fail(error == cudaErrorMemoryAllocation ? GMTK_ERROR_OUT_OF_MEMORY : GMTK_ERROR_CUDA,
-                  "cudaMalloc of %zu bytes of workspace on device %d failed: %s", bytes, device_,
-                  cudaGetErrorString(error));
+      char what[96];
+      std::snprintf(what, sizeof(what), "cudaMalloc of %zu bytes of workspace on device %d", bytes, device_);
+      return cuda_failure(what, error);
     }
     return GMTK_SUCCESS;
   }
