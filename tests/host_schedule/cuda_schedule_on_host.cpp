@@ -57,6 +57,8 @@ uint32_t bits_of(float value) {
   return bits;
 }
 
+size_t element_bytes(gmtkDtype_t dtype) { return dtype == GMTK_FLOAT32 ? 4 : 2; }
+
 // The stored bits of `value` in `dtype` (16-bit by truncation: any bit
 // pattern is a valid input to selection).
 uint32_t stored_bits(float value, gmtkDtype_t dtype) {
@@ -66,6 +68,20 @@ uint32_t stored_bits(float value, gmtkDtype_t dtype) {
   uint16_t bits;
   std::memcpy(&bits, &half, 2);
   return bits;
+}
+
+// The value of stored bits, the inverse of stored_bits where it is exact.
+float stored_value(uint32_t raw, gmtkDtype_t dtype) {
+  float value;
+  if (dtype == GMTK_FLOAT16) {
+    _Float16 half;
+    const auto bits = static_cast<uint16_t>(raw);
+    std::memcpy(&half, &bits, 2);
+    return static_cast<float>(half);
+  }
+  const uint32_t bits = dtype == GMTK_BFLOAT16 ? raw << 16 : raw;
+  std::memcpy(&value, &bits, 4);
+  return value;
 }
 
 uint32_t entry_bits(Contents contents, gmtkDtype_t dtype, uint64_t i, uint64_t n, std::mt19937_64& rng) {
@@ -139,7 +155,7 @@ Gradients make_gradients(const Case& c) {
   for (const TensorSpec& t : c.tensors) {
     size = (size + 255) / 256 * 256 + t.misalignment;
     g.offsets.push_back(size);
-    size += static_cast<size_t>(t.numel) * (t.dtype == GMTK_FLOAT32 ? 4 : 2);
+    size += static_cast<size_t>(t.numel) * element_bytes(t.dtype);
   }
   g.bytes.assign(size + 512, 0);
   // Offsets are from an aligned base inside the buffer.
@@ -150,8 +166,8 @@ Gradients make_gradients(const Case& c) {
     const TensorSpec& spec = c.tensors[t];
     for (int64_t i = 0; i < spec.numel; ++i) {
       const uint32_t raw = entry_bits(c.contents, spec.dtype, static_cast<uint64_t>(i), static_cast<uint64_t>(spec.numel), rng);
-      std::memcpy(g.bytes.data() + g.offsets[t] + static_cast<size_t>(i) * (spec.dtype == GMTK_FLOAT32 ? 4 : 2), &raw,
-                  spec.dtype == GMTK_FLOAT32 ? 4 : 2);
+      const size_t element = element_bytes(spec.dtype);
+      std::memcpy(g.bytes.data() + g.offsets[t] + static_cast<size_t>(i) * element, &raw, element);
     }
   }
   return g;
@@ -365,7 +381,7 @@ TEST_CASE("every kind of gradient contents, every dtype, the issue's ratios", "[
       for (const int64_t n : {int64_t{1}, int64_t{2}, int64_t{255}, int64_t{4097}}) {
         const double dn = static_cast<double>(n);
         for (const double ratio : {0.0, 1.0 / dn, 0.5, 0.9, 0.99, 1.0 - 1.0 / dn, 1.0}) {
-          Case c = single("dtype " + std::to_string(dtype), n, dtype, ratio, contents, dtype == GMTK_FLOAT32 ? 4 : 2);
+          Case c = single("dtype " + std::to_string(dtype), n, dtype, ratio, contents, element_bytes(dtype));
           check_case(c, &coverage);
         }
       }
@@ -380,7 +396,7 @@ TEST_CASE("every kind of gradient contents, every dtype, the issue's ratios", "[
 
 TEST_CASE("sizes 0, 1, 2^k - 1, 2^k + 1 at every misalignment", "[cuda_schedule_on_host]") {
   for (const gmtkDtype_t dtype : kDtypes) {
-    const size_t element = dtype == GMTK_FLOAT32 ? 4 : 2;
+    const size_t element = element_bytes(dtype);
     for (int k = 0; k <= 12; ++k) {
       for (const int64_t n : {(int64_t{1} << k) - 1, (int64_t{1} << k) + 1}) {
         for (size_t misalignment = 0; misalignment < 16; misalignment += element) {
@@ -412,7 +428,8 @@ TEST_CASE("global scope over many tensors, and several groups in one plan", "[cu
                   group_of(0.0, GMTK_SCOPE_GLOBAL), group_of(0.3, GMTK_SCOPE_GLOBAL)};  // group 3: no tensors
       const int64_t sizes[] = {0, 1, 300, 77, 1025, 4, 2049, 0, 513};
       for (size_t t = 0; t < std::size(sizes); ++t) {
-        c.tensors.push_back({sizes[t], dtype, static_cast<int32_t>(t % 3), (t * 2) % 16 / (dtype == GMTK_FLOAT32 ? 4 : 2) * (dtype == GMTK_FLOAT32 ? 4 : 2)});
+        c.tensors.push_back({sizes[t], dtype, static_cast<int32_t>(t % 3),
+                             (t * 2) % 16 / element_bytes(dtype) * element_bytes(dtype)});
       }
       check_case(c);
     }
@@ -458,19 +475,13 @@ TEST_CASE("consecutive calls on one plan: T jumps by orders of magnitude, the ra
       for (size_t call = 0; call < std::size(scales); ++call) {
         INFO("call " << call << ", scale " << scales[call] << ", ratio " << ratios[call]);
         // Scale every gradient on both sides the same way.
+        const size_t element = element_bytes(dtype);
         for (Gradients* g : {&reference.gradients(), &engine.gradients()}) {
-          const size_t element = dtype == GMTK_FLOAT32 ? 4 : 2;
           for (int64_t i = 0; i < 5000; ++i) {
-            unsigned char* at = static_cast<unsigned char*>(g->at(0)) + i * element;
-            const uint32_t original = [&] {
-              uint32_t raw = 0;
-              std::memcpy(&raw, gradients.bytes.data() + gradients.offsets[0] + i * element, element);
-              return raw;
-            }();
-            const float value = dtype == GMTK_FLOAT32 ? [&] { float f; std::memcpy(&f, &original, 4); return f; }()
-                                                      : [&] { uint32_t b = original << 16; float f; std::memcpy(&f, &b, 4); return f; }();
-            const uint32_t scaled = stored_bits(value * scales[call], dtype);
-            std::memcpy(at, &scaled, element);
+            uint32_t original = 0;
+            std::memcpy(&original, gradients.bytes.data() + gradients.offsets[0] + i * element, element);
+            const uint32_t scaled = stored_bits(stored_value(original, dtype) * scales[call], dtype);
+            std::memcpy(static_cast<unsigned char*>(g->at(0)) + i * element, &scaled, element);
           }
         }
         reference.set_ratio(0, ratios[call]);

@@ -165,7 +165,8 @@ class HostSelectionEngine {
     }
   }
 
-  static void sum_segments(const unsigned long long* counts, uint32_t bins, uint32_t segments, uint64_t* sums) {
+  template <typename Count>
+  static void sum_segments(const Count* counts, uint32_t bins, uint32_t segments, uint64_t* sums) {
     const uint32_t per_segment = bins / segments;
     for (uint32_t s = 0; s < segments; ++s) {
       sums[s] = 0;
@@ -228,11 +229,7 @@ class HostSelectionEngine {
           });
         }
         const uint32_t segments = scan_segments(bins, kSmallSetThreads);
-        const uint32_t per_segment = bins / segments;
-        for (uint32_t s = 0; s < segments; ++s) {
-          sums[s] = 0;
-          for (uint32_t i = 0; i < per_segment; ++i) sums[s] += histogram[s * per_segment + i];
-        }
+        sum_segments(histogram.data(), bins, segments, sums);
         const BinPick pick = pick_from_segments(histogram.data(), sums, segments, bins, state.rank);
         advance_selection(state, plan, pick, histogram[pick.bin]);
       }
