@@ -11,7 +11,10 @@ cmake --preset gpu-machine
 cmake --build --preset gpu-machine
 # Debian ships Google Benchmark only as libbenchmark.so.1debian; the GPU image has none.
 benchmark_library=$(ldd build-gpu/bench/gmtk_bench | awk '/libbenchmark/ {print $3}')
-cp -L "$benchmark_library" build-gpu/bench/
+# A rebuild finds the copy made last time through $ORIGIN: nothing to copy then.
+if [ "$(realpath "$benchmark_library")" != "$(realpath -m build-gpu/bench/"$(basename "$benchmark_library")")" ]; then
+  cp -L "$benchmark_library" build-gpu/bench/
+fi
 mkdir -p .carry
 if [ -f ../shared/tools/torch_anchors.py ]; then cp ../shared/tools/torch_anchors.py .carry/; fi
 # The independent differential test (../shared/acceptance), beside the library it tests.
