@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(SelectionPolicy::kOutputThreads) write_outputs
        t += uint64_t{gridDim.x} * blockDim.x) {
     write_tensor_outputs(p, t);
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0 && p.found_inf != nullptr) *p.found_inf = found_inf_value(*p.flags);
+  if (blockIdx.x == 0 && threadIdx.x == 0) write_call_outputs(p);
 }
 
 template <typename T>
@@ -420,8 +420,8 @@ cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupanc
   return cudaSuccess;
 }
 
-cudaError_t launch_selection(const SelectionLaunch& launch, const SelectionSchedule& schedule, void* zeroed,
-                             size_t zeroed_bytes, const SelectionOccupancy& occupancy, cudaStream_t stream) {
+cudaError_t launch_selection_passes(const SelectionLaunch& launch, const SelectionSchedule& schedule, void* zeroed,
+                                    size_t zeroed_bytes, const SelectionOccupancy& occupancy, cudaStream_t stream) {
   cudaError_t error = cudaMemsetAsync(zeroed, 0, zeroed_bytes, stream);
   if (error != cudaSuccess) return error;
   constexpr int kHistogramThreads = SelectionPolicy::kHistogramThreads;
@@ -452,6 +452,11 @@ cudaError_t launch_selection(const SelectionLaunch& launch, const SelectionSched
     const uint32_t blocks = grid_for(launch.chunk_count, resident(occupancy.apply));
     apply_keep_rule<<<blocks, SelectionPolicy::kApplyThreads, 0, stream>>>(launch);
   }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_selection_outputs(const SelectionLaunch& launch, const SelectionOccupancy& occupancy,
+                                     cudaStream_t stream) {
   const uint32_t output_blocks =
       grid_for((uint64_t{launch.tensor_count} + SelectionPolicy::kOutputThreads - 1) / SelectionPolicy::kOutputThreads,
                static_cast<uint32_t>(occupancy.multiprocessors) * 4);

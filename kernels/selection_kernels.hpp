@@ -15,6 +15,7 @@ struct SelectionOccupancy {
   int pass_b = 0;
   int pass_c = 0;
   int apply = 0;
+  int update = 0;  // gmtkStep's fused update (step_kernels.cu)
   bool wide_histogram = false;  // a block may hold pass A's 128 KB histogram (large fp16/bf16 sets)
 };
 
@@ -22,10 +23,15 @@ struct SelectionOccupancy {
 // measures their occupancy. Once per device (current), before any launch.
 cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupancy);
 
-// Enqueues one call's launches on `stream`, in schedule order: the memset of
-// the workspace's zeroed part, then the passes the schedule names. Never
-// synchronizes, never allocates.
-cudaError_t launch_selection(const SelectionLaunch& launch, const SelectionSchedule& schedule, void* zeroed,
-                             size_t zeroed_bytes, const SelectionOccupancy& occupancy, cudaStream_t stream);
+// Enqueues a call's selection on `stream`, in schedule order: the memset of
+// the workspace's zeroed part, then the passes the schedule names, up to the
+// mask / count pass. Never synchronizes, never allocates.
+cudaError_t launch_selection_passes(const SelectionLaunch& launch, const SelectionSchedule& schedule, void* zeroed,
+                                    size_t zeroed_bytes, const SelectionOccupancy& occupancy, cudaStream_t stream);
+
+// Enqueues the call's last launch: thresholds, kept counts, found_inf, and
+// gmtkStep's step_count. A step's update goes between the two.
+cudaError_t launch_selection_outputs(const SelectionLaunch& launch, const SelectionOccupancy& occupancy,
+                                     cudaStream_t stream);
 
 }  // namespace gmtk::kernels

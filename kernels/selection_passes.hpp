@@ -184,4 +184,12 @@ GMTK_HD void write_tensor_outputs(const SelectionLaunch& p, uint64_t t) {
 
 GMTK_HD float found_inf_value(uint32_t flag) { return flag != 0 ? 1.0f : 0.0f; }
 
+// The call-wide outputs, once: found_inf, and gmtkStep's counter, which
+// advances (t = *step_count + 1 stored) only when the step applied.
+GMTK_HD void write_call_outputs(const SelectionLaunch& p) {
+  const uint32_t flag = *p.flags;
+  if (p.found_inf != nullptr) *p.found_inf = found_inf_value(flag);
+  if (p.step_count != nullptr && flag == 0) *p.step_count = *p.step_count + 1;
+}
+
 }  // namespace gmtk::kernels

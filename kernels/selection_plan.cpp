@@ -122,7 +122,8 @@ SelectionWorkspace selection_workspace(const SelectionTables& tables) {
 SelectionSchedule selection_schedule(const SelectionTables& tables, const SelectionRequest& request) {
   SelectionSchedule schedule{};
   const bool select = request.any_masking;
-  schedule.check_non_finite = request.mask_gradients || request.wants_found_inf;
+  // A step needs found_inf even unasked: a non-finite gradient makes it a no-op.
+  schedule.check_non_finite = request.mask_gradients || request.wants_found_inf || request.step;
   const bool large_selection = select && !tables.large_sets.empty();
   schedule.pass_a = schedule.check_non_finite ? !tables.chunks.empty() : large_selection;
   schedule.pass_a_chunks = schedule.check_non_finite ? tables.chunks.size() : tables.large_chunks;
@@ -133,6 +134,7 @@ SelectionSchedule selection_schedule(const SelectionTables& tables, const Select
   schedule.zero_masked = request.mask_gradients && select;
   schedule.count_kept_per_tensor = request.wants_kept_counts && tables.has_multi_tensor_sets && select;
   schedule.apply = schedule.zero_masked || schedule.count_kept_per_tensor;
+  schedule.update = request.step && !tables.chunks.empty();
   return schedule;
 }
 
@@ -146,7 +148,7 @@ void bind_table_sizes(const SelectionTables& tables, SelectionLaunch* launch) {
 
 SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorkspace& layout,
                             unsigned char* workspace_base, const std::vector<gmtkGroupConfig_t>& groups,
-                            const gmtkStepArgs_t& args, bool mask_gradients, SelectionLaunch* launch) {
+                            const gmtkStepArgs_t& args, EngineCall call, SelectionLaunch* launch) {
   launch->states = reinterpret_cast<SetState*>(workspace_base + layout.set_states);
   launch->histograms = reinterpret_cast<unsigned long long*>(workspace_base + layout.histograms);
   launch->tensor_kept = reinterpret_cast<unsigned long long*>(workspace_base + layout.tensor_kept);
@@ -156,9 +158,11 @@ SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorksp
   launch->thresholds = args.thresholds;
   launch->kept_counts = args.kept_counts;
   launch->found_inf = args.found_inf;
+  launch->step_count = call == EngineCall::step ? args.step_count : nullptr;
 
   SelectionRequest request{};
-  request.mask_gradients = mask_gradients;
+  request.mask_gradients = call == EngineCall::mask_gradients;
+  request.step = call == EngineCall::step;
   request.wants_found_inf = args.found_inf != nullptr;
   request.wants_kept_counts = args.kept_counts != nullptr;
   for (size_t g = 0; g < groups.size(); ++g) {

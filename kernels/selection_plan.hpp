@@ -113,6 +113,7 @@ struct SelectionLaunch {
   float* thresholds;            // caller outputs, each optional
   int64_t* kept_counts;
   float* found_inf;
+  int64_t* step_count;          // gmtkStep's device counter: advanced by the outputs launch unless found_inf
   uint64_t chunk_count;
   uint64_t large_fp32_chunks;
   uint32_t tensor_count;
@@ -124,9 +125,13 @@ struct SelectionLaunch {
   double mask_ratio[kMaxGroupsOnCuda];
 };
 
+// The three calls of the API, as the engine runs them.
+enum class EngineCall { select_thresholds, mask_gradients, step };
+
 // What one call asks of the engine.
 struct SelectionRequest {
   bool mask_gradients;     // gmtkMaskGradients: zero the masked entries
+  bool step;               // gmtkStep: found_inf always evaluated, then the fused update
   bool wants_found_inf;    // args->found_inf is set
   bool wants_kept_counts;  // args->kept_counts is set
   bool any_masking;        // some group's ratio is above 0 (else every set keeps all: no selection work)
@@ -145,11 +150,12 @@ struct SelectionSchedule {
   bool apply;                 // the mask / count pass
   bool zero_masked;
   bool count_kept_per_tensor;
+  bool update;                // gmtkStep's fused update (step_kernels.cu), after selection
 
   // Kernel launches plus the workspace memset.
   int launches() const {
     return 2 + (pass_a ? 1 : 0) + (large_scan ? 1 : 0) + (refinement ? 4 : 0) + (small_sets ? 1 : 0) +
-           (apply ? 1 : 0);
+           (apply ? 1 : 0) + (update ? 1 : 0);
   }
 };
 
@@ -163,6 +169,6 @@ void bind_table_sizes(const SelectionTables& tables, SelectionLaunch* launch);
 // base of the call's workspace; `groups` are the plan's groups as they are now.
 SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorkspace& layout,
                             unsigned char* workspace_base, const std::vector<gmtkGroupConfig_t>& groups,
-                            const gmtkStepArgs_t& args, bool mask_gradients, SelectionLaunch* launch);
+                            const gmtkStepArgs_t& args, EngineCall call, SelectionLaunch* launch);
 
 }  // namespace gmtk::kernels

@@ -1,10 +1,10 @@
 // The CUDA backend: device and pointer checks, the plan's device tables, the
-// workspace, and the selection engine's launches (kernels/selection_*).
-// gmtkStep's fused update is the next milestone (docs/design.md); until it
-// lands, gmtkStep answers GMTK_ERROR_NOT_SUPPORTED rather than pretending.
+// workspace, and the launches of a call: the selection engine
+// (kernels/selection_*) and, for gmtkStep, the fused update (kernels/step_*).
 #include <cuda_runtime_api.h>
 
 #include <cstdio>
+#include <mutex>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -12,6 +12,8 @@
 #include "../../kernels/arch_probe.hpp"
 #include "../../kernels/selection_kernels.hpp"
 #include "../../kernels/selection_plan.hpp"
+#include "../../kernels/step_kernels.hpp"
+#include "../../kernels/step_plan.hpp"
 #include "../backend.hpp"
 #include "../plan.hpp"
 #include "../status.hpp"
@@ -23,11 +25,6 @@
 
 namespace gmtk {
 namespace {
-
-constexpr const char* kStepMissing =
-    "gmtkStep's fused update is not implemented yet on the CUDA backend in this version of gmtk "
-    "(gmtkSelectThresholds and gmtkMaskGradients are); use GMTK_BACKEND_CPU_REFERENCE for steps "
-    "(docs/api.md, 'Status of the backends')";
 
 gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
   cudaGetLastError();  // the failed call's error must not stay behind for the caller's next CUDA call
@@ -66,13 +63,14 @@ class DeviceTables {
   DeviceTables& operator=(const DeviceTables&) = delete;
 
   // Copies the tables to one device allocation; fills the table pointers of `launch`.
-  gmtkStatus_t upload(const kernels::SelectionTables& tables, kernels::SelectionLaunch* launch) {
+  gmtkStatus_t upload(const kernels::SelectionTables& tables, const std::vector<kernels::StepTensorRecord>& step_tensors,
+                      kernels::SelectionLaunch* launch, kernels::StepLaunch* step) {
     struct Piece {
       size_t offset;
       const void* data;
       size_t bytes;
     };
-    Piece pieces[6];
+    Piece pieces[7];
     size_t piece_count = 0;
     WorkspaceLayout layout;
     const auto place = [&](const auto& table) {
@@ -86,6 +84,7 @@ class DeviceTables {
     const size_t chunks = place(tables.chunks);
     const size_t large_sets = place(tables.large_sets);
     const size_t small_sets = place(tables.small_sets);
+    const size_t step_records = place(step_tensors);
     const size_t bytes = layout.required_bytes();
     if (bytes == 0) return GMTK_SUCCESS;
     std::vector<unsigned char> image(bytes);
@@ -109,6 +108,7 @@ class DeviceTables {
     launch->chunks = reinterpret_cast<const kernels::ChunkRecord*>(device_base + chunks);
     launch->large_sets = reinterpret_cast<const uint32_t*>(device_base + large_sets);
     launch->small_sets = reinterpret_cast<const uint32_t*>(device_base + small_sets);
+    step->tensors = reinterpret_cast<const kernels::StepTensorRecord*>(device_base + step_records);
     return GMTK_SUCCESS;
   }
 
@@ -126,6 +126,8 @@ struct CudaPlanState final : BackendPlanState {
   DeviceTables device_tables;
   kernels::SelectionWorkspace workspace{};
   kernels::SelectionLaunch launch{};
+  kernels::StepLaunch step{};  // ~20 KB: the groups' settings travel by value in the update's launch
+  std::mutex step_mutex;       // guards `step` while a call binds and launches it
 };
 
 class CudaBackend final : public Backend {
@@ -161,7 +163,8 @@ class CudaBackend final : public Backend {
     state->workspace = kernels::selection_workspace(state->tables);
     kernels::SelectionLaunch& launch = state->launch;
     kernels::bind_table_sizes(state->tables, &launch);
-    GMTK_CHECK(state->device_tables.upload(state->tables, &launch));
+    GMTK_CHECK(state->device_tables.upload(state->tables, kernels::build_step_tensors(plan.tensors), &launch,
+                                           &state->step));
     plan.backend_state = std::move(state);
     return GMTK_SUCCESS;
   }
@@ -190,14 +193,17 @@ class CudaBackend final : public Backend {
   // Enqueues the call on the caller's stream: no allocation, no host
   // synchronization, a launch count that does not grow with the tensors.
   gmtkStatus_t run(const Plan& plan, const Call& call) override {
-    if (call.operation == Operation::step) return fail(GMTK_ERROR_NOT_SUPPORTED, "%s", kStepMissing);
-    const CudaPlanState& state = state_of(plan);
-
+    CudaPlanState& state = state_of(plan);
+    const kernels::EngineCall engine_call = call.operation == Operation::step ? kernels::EngineCall::step
+                                            : call.operation == Operation::mask_gradients
+                                                ? kernels::EngineCall::mask_gradients
+                                                : kernels::EngineCall::select_thresholds;
+    // Per-call fields go into a copy: a plan may serve calls from several threads.
     kernels::SelectionLaunch launch = state.launch;
     unsigned char* base = WorkspaceLayout::aligned_base(call.workspace);
     const kernels::SelectionWorkspace& workspace = state.workspace;
-    const kernels::SelectionSchedule schedule = kernels::bind_call(
-        state.tables, workspace, base, plan.groups, call.args, call.operation == Operation::mask_gradients, &launch);
+    const kernels::SelectionSchedule schedule =
+        kernels::bind_call(state.tables, workspace, base, plan.groups, call.args, engine_call, &launch);
 
     CurrentDeviceGuard guard(device_);
     // An error left by the caller's own earlier work would surface as ours
@@ -208,16 +214,25 @@ class CudaBackend final : public Backend {
       return fail(GMTK_ERROR_CUDA, "a CUDA error was pending on this thread before the call (left as it is): %s",
                   cudaGetErrorString(pending));
     }
-    const cudaError_t error = kernels::launch_selection(launch, schedule, base, workspace.zeroed_bytes, occupancy_,
-                                                        reinterpret_cast<cudaStream_t>(call.stream));
+    const auto stream = reinterpret_cast<cudaStream_t>(call.stream);
+    cudaError_t error = kernels::launch_selection_passes(launch, schedule, base, workspace.zeroed_bytes, occupancy_,
+                                                         stream);
     if (error != cudaSuccess) return cuda_failure("launching the selection kernels", error);
+    if (schedule.update) {
+      // The step's settings are bound in the plan's own copy, under a lock:
+      // 20 KB is too much to copy onto the stack per call.
+      std::lock_guard<std::mutex> lock(state.step_mutex);
+      kernels::bind_step_call(plan.groups, call.args, &state.step);
+      error = kernels::launch_update(launch, state.step, occupancy_.update, stream);
+      if (error != cudaSuccess) return cuda_failure("launching the fused update", error);
+    }
+    error = kernels::launch_selection_outputs(launch, occupancy_, stream);
+    if (error != cudaSuccess) return cuda_failure("launching the outputs kernel", error);
     return GMTK_SUCCESS;
   }
 
  private:
-  static const CudaPlanState& state_of(const Plan& plan) {
-    return static_cast<const CudaPlanState&>(*plan.backend_state);
-  }
+  static CudaPlanState& state_of(const Plan& plan) { return static_cast<CudaPlanState&>(*plan.backend_state); }
 
   gmtkStatus_t check_device_address(const BufferRange& range, uintptr_t address) {
     const void* pointer = reinterpret_cast<const void*>(address);
@@ -276,6 +291,8 @@ gmtkStatus_t make_cuda_backend(int device, std::shared_ptr<Backend>* backend) {
   kernels::SelectionOccupancy occupancy;
   const cudaError_t configure_error = kernels::configure_selection_kernels(device, &occupancy);
   if (configure_error != cudaSuccess) return cuda_failure("configuring the selection kernels", configure_error);
+  const cudaError_t step_error = kernels::configure_step_kernels(occupancy.multiprocessors, &occupancy.update);
+  if (step_error != cudaSuccess) return cuda_failure("configuring the update kernel", step_error);
   *backend = std::make_shared<CudaBackend>(device, occupancy);
   return GMTK_SUCCESS;
 }

@@ -1,5 +1,5 @@
 // The CUDA selection engine run on the host: the launches of
-// kernels/selection_kernels.cu in the same order (launch_selection), each
+// kernels/selection_kernels.cu in the same order (launch_selection_passes, launch_selection_outputs), each
 // kernel's blocks one after another, over the same tables, the same workspace
 // layout and the same __host__ __device__ decisions (kernels/selection_passes.hpp).
 // What only CUDA has (threads of a block, shared-memory atomics, pass B's
@@ -9,9 +9,11 @@
 #include <gmtk/gmtk.h>
 
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../../kernels/selection_passes.hpp"
+#include "../../kernels/step_passes.hpp"
 #include "../../host/workspace.hpp"
 
 namespace gmtk_test {
@@ -26,6 +28,16 @@ struct EngineTrace {
   int sets_gathering = 0;        // pass C read candidates
   int sets_overflowing = 0;      // pass C re-read gradients
   int histogram_flushes = 0;
+  // The fused update (gmtkStep)
+  bool update_ran = false;        // the update launch ran and found every gradient finite
+  int64_t idle_chunks = 0;        // freeze at ratio 1: the chunk is not even read
+  int64_t vector_items = 0;
+  int64_t scalar_items = 0;
+  int64_t untouched_items = 0;    // freeze: all 4 entries masked, state neither read nor written
+  int64_t entries_updated = 0;
+  int64_t entries_fed_zero = 0;   // mask-grad: masked entries updated with +0
+  int64_t entries_frozen = 0;
+  int64_t param_bits_loaded_with_master = 0;  // freeze: items that reload 16-bit params beside a master
 };
 
 class HostSelectionEngine {
@@ -35,7 +47,8 @@ class HostSelectionEngine {
   HostSelectionEngine(const std::vector<gmtkGroupConfig_t>& groups, const std::vector<gmtkTensor_t>& tensors,
                       const SelectionTuning& tuning, uint32_t persistent_blocks = 3)
       : groups_(groups), tables_(build_selection_tables(groups, tensors, tuning)),
-        layout_(selection_workspace(tables_)), persistent_blocks_(persistent_blocks) {
+        layout_(selection_workspace(tables_)), persistent_blocks_(persistent_blocks),
+        step_tensors_(build_step_tensors(tensors)), step_(std::make_unique<StepLaunch>()) {
     bind_table_sizes(tables_, &launch_);
     launch_.tensors = tables_.tensors.data();
     launch_.sets = tables_.sets.data();
@@ -44,19 +57,26 @@ class HostSelectionEngine {
     launch_.large_sets = tables_.large_sets.data();
     launch_.small_sets = tables_.small_sets.data();
     workspace_.resize(layout_.required_bytes);
+    step_->tensors = step_tensors_.data();
   }
 
   const SelectionTables& tables() const { return tables_; }
   size_t workspace_bytes() const { return layout_.required_bytes; }
   void set_mask_ratio(int group, double ratio) { groups_[group].mask_ratio = ratio; }
+  void set_group(int group, const gmtkGroupConfig_t& config) { groups_[group] = config; }
 
   // gmtkSelectThresholds (mask_gradients false) or gmtkMaskGradients on host
   // memory. The workspace holds garbage from before, as a caller's may.
   EngineTrace run(const gmtkStepArgs_t& args, bool mask_gradients) {
+    return run(args, mask_gradients ? EngineCall::mask_gradients : EngineCall::select_thresholds);
+  }
+
+  // Any of the three calls, gmtkStep's update included (the CUDA backend's run()).
+  EngineTrace run(const gmtkStepArgs_t& args, EngineCall call) {
     std::memset(workspace_.data(), 0xA5, workspace_.size());
     unsigned char* base = gmtk::WorkspaceLayout::aligned_base(workspace_.data());
     SelectionLaunch& p = launch_;
-    const SelectionSchedule schedule = bind_call(tables_, layout_, base, groups_, args, mask_gradients, &p);
+    const SelectionSchedule schedule = bind_call(tables_, layout_, base, groups_, args, call, &p);
     trace_ = EngineTrace{};
     trace_.launches = schedule.launches();
 
@@ -72,8 +92,12 @@ class HostSelectionEngine {
     }
     if (schedule.small_sets) select_small_sets();
     if (schedule.apply) apply_keep_rule();
+    if (schedule.update) {
+      bind_step_call(groups_, args, step_.get());
+      fused_update();
+    }
     for (uint64_t t = 0; t < p.tensor_count; ++t) write_tensor_outputs(p, t);
-    if (p.found_inf != nullptr) *p.found_inf = found_inf_value(*p.flags);
+    write_call_outputs(p);
     return trace_;
   }
 
@@ -257,6 +281,92 @@ class HostSelectionEngine {
     }
   }
 
+  static void store_raw(uint64_t base, uint32_t dtype, uint64_t entry, uint32_t raw) {
+    if (dtype == kFloat32) {
+      std::memcpy(reinterpret_cast<void*>(base + entry * 4), &raw, 4);
+    } else {
+      const auto bits = static_cast<uint16_t>(raw);
+      std::memcpy(reinterpret_cast<void*>(base + entry * 2), &bits, 2);
+    }
+  }
+  static float load_float(uint64_t base, uint64_t entry) { return float_from_bits(load_raw(base, kFloat32, entry)); }
+  static void store_float(uint64_t base, uint64_t entry, float value) {
+    store_raw(base, kFloat32, entry, bits_from_float(value));
+  }
+
+  // fused_update (step_kernels.cu): its work units (chunk parts), items and
+  // loads, each "vector" load one entry at a time.
+  void fused_update() {
+    const SelectionLaunch& p = launch_;
+    const StepLaunch& s = *step_;
+    if (*p.flags != 0u) return;
+    trace_.update_ran = true;
+    const int64_t t = step_index(s.step_count, s.step);
+    const bool has_scale = p.inv_loss_scale != nullptr;
+    const float inv_loss_scale = has_scale ? *p.inv_loss_scale : 1.0f;
+    constexpr uint32_t kParts = 4;  // UpdatePolicy::kPartsPerChunk
+    for (uint64_t unit = 0; unit < p.chunk_count * kParts; ++unit) {
+      const uint64_t c = unit / kParts;
+      const ChunkRecord chunk = p.chunks[c];
+      const Range part = candidate_slice(chunk.length, static_cast<uint32_t>(unit % kParts), kParts);
+      if (part.begin == part.end) continue;
+      const UpdateWork work = update_work(p, s, c);
+      if (work.idle) {
+        ++trace_.idle_chunks;
+        continue;
+      }
+      const StepScalars scalars = step_scalars(s.groups[work.group], t);
+      const StepGroup& group = s.groups[work.group];
+      const TensorRecord tensor = p.tensors[chunk.tensor];
+      const StepTensorRecord buffers = s.tensors[chunk.tensor];
+      const VectorSplit split = split_for_step(buffers.vector_phase, chunk.begin + part.begin, chunk.begin + part.end);
+      for (uint64_t i = 0; i < split.items(); ++i) {
+        const Range entries = item_entries(split, i);
+        const auto count = static_cast<uint32_t>(entries.end - entries.begin);
+        ++(count > 1 ? trace_.vector_items : trace_.scalar_items);
+        uint32_t grad_raw[kStepVectorEntries] = {};
+        for (uint32_t e = 0; e < count; ++e) grad_raw[e] = load_raw(tensor.grad, tensor.dtype, entries.begin + e);
+        const ItemPlan item = plan_item(grad_raw, count, tensor.dtype, work);
+        for (uint32_t e = 0; e < count; ++e) {
+          ++(item.fate[e] == EntryFate::update             ? trace_.entries_updated
+             : item.fate[e] == EntryFate::update_with_zero ? trace_.entries_fed_zero
+                                                           : trace_.entries_frozen);
+        }
+        if (!item.touches_state) {
+          ++trace_.untouched_items;
+          continue;
+        }
+        EntryValues values[kStepVectorEntries] = {};
+        uint32_t param_raw[kStepVectorEntries] = {};
+        const bool has_master = buffers.master != 0;
+        if (loads_param_bits(item, has_master)) {
+          if (has_master) ++trace_.param_bits_loaded_with_master;
+          for (uint32_t e = 0; e < count; ++e) {
+            param_raw[e] = load_raw(buffers.param, buffers.param_dtype, entries.begin + e);
+          }
+        }
+        for (uint32_t e = 0; e < count; ++e) {
+          const uint64_t entry = entries.begin + e;
+          values[e].param = has_master ? load_float(buffers.master, entry)
+                                       : gradient_to_float(param_raw[e], buffers.param_dtype);
+          if (buffers.exp_avg != 0) values[e].exp_avg = load_float(buffers.exp_avg, entry);
+          if (buffers.exp_avg_sq != 0) values[e].exp_avg_sq = load_float(buffers.exp_avg_sq, entry);
+          if (buffers.max_exp_avg_sq != 0) values[e].max_exp_avg_sq = load_float(buffers.max_exp_avg_sq, entry);
+        }
+        update_item(item, grad_raw, tensor.dtype, values, group, scalars, has_scale, inv_loss_scale);
+        for (uint32_t e = 0; e < count; ++e) {
+          const uint64_t entry = entries.begin + e;
+          store_raw(buffers.param, buffers.param_dtype, entry,
+                    param_bits_to_store(item.fate[e], param_raw[e], values[e].param, buffers.param_dtype));
+          if (has_master) store_float(buffers.master, entry, values[e].param);
+          if (buffers.exp_avg != 0) store_float(buffers.exp_avg, entry, values[e].exp_avg);
+          if (buffers.exp_avg_sq != 0) store_float(buffers.exp_avg_sq, entry, values[e].exp_avg_sq);
+          if (buffers.max_exp_avg_sq != 0) store_float(buffers.max_exp_avg_sq, entry, values[e].max_exp_avg_sq);
+        }
+      }
+    }
+  }
+
   std::vector<gmtkGroupConfig_t> groups_;
   SelectionTables tables_;
   SelectionWorkspace layout_;
@@ -264,6 +374,8 @@ class HostSelectionEngine {
   SelectionLaunch launch_{};
   std::vector<unsigned char> workspace_;
   EngineTrace trace_;
+  std::vector<StepTensorRecord> step_tensors_;
+  std::unique_ptr<StepLaunch> step_;  // ~20 KB
 };
 
 }  // namespace gmtk_test

@@ -1,0 +1,176 @@
+// The fused update of gmtkStep: one launch over every tensor of the plan,
+// after selection has fixed each set's threshold. A thread takes items of 4
+// entries and loads each buffer of the item as one vector (16 bytes of fp32,
+// 8 of fp16/bf16): the gradient, then, unless freeze mode masks the whole
+// item, the parameter (or master), m, v and v_max; it runs the optimizer in
+// registers (step_logic.hpp) and stores what changed. Every index is 64-bit.
+#include "step_kernels.hpp"
+
+#include "step_passes.hpp"
+
+#include <cuda_runtime.h>
+
+namespace gmtk::kernels {
+namespace {
+
+struct UpdatePolicy {
+  static constexpr int kThreads = 256;
+  static constexpr int kMinBlocksPerMultiprocessor = 3;
+  // Each 64K-entry chunk is taken in this many parts, so that the grid's
+  // last round is short.
+  static constexpr uint32_t kPartsPerChunk = 4;
+};
+
+constexpr uint32_t kNoGroup = 0xFFFFFFFFu;
+
+// Up to 4 raw values of a buffer of `element_bytes` (4 or 2), zero-extended.
+__device__ __forceinline__ void load_raw(uint64_t base, uint32_t element_bytes, Range entries, uint32_t* raw) {
+  const uint64_t address = base + entries.begin * element_bytes;
+  if (entries.end - entries.begin == 1) {
+    raw[0] = element_bytes == 4 ? *reinterpret_cast<const uint32_t*>(address)
+                                : *reinterpret_cast<const uint16_t*>(address);
+    return;
+  }
+  if (element_bytes == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(address);
+    raw[0] = v.x;
+    raw[1] = v.y;
+    raw[2] = v.z;
+    raw[3] = v.w;
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(address);
+    raw[0] = v.x & 0xFFFFu;
+    raw[1] = v.x >> 16;
+    raw[2] = v.y & 0xFFFFu;
+    raw[3] = v.y >> 16;
+  }
+}
+
+__device__ __forceinline__ void store_raw(uint64_t base, uint32_t element_bytes, Range entries, const uint32_t* raw) {
+  const uint64_t address = base + entries.begin * element_bytes;
+  if (entries.end - entries.begin == 1) {
+    if (element_bytes == 4) {
+      *reinterpret_cast<uint32_t*>(address) = raw[0];
+    } else {
+      *reinterpret_cast<uint16_t*>(address) = static_cast<uint16_t>(raw[0]);
+    }
+    return;
+  }
+  if (element_bytes == 4) {
+    *reinterpret_cast<uint4*>(address) = make_uint4(raw[0], raw[1], raw[2], raw[3]);
+  } else {
+    *reinterpret_cast<uint2*>(address) = make_uint2(raw[0] | (raw[1] << 16), raw[2] | (raw[3] << 16));
+  }
+}
+
+// An fp32 state buffer of the item: loaded into, and stored from, one field of EntryValues.
+template <float EntryValues::*kField>
+__device__ __forceinline__ void load_state(uint64_t base, Range entries, EntryValues* values) {
+  uint32_t raw[kStepVectorEntries];
+  load_raw(base, 4, entries, raw);
+#pragma unroll
+  for (uint32_t e = 0; e < kStepVectorEntries; ++e) values[e].*kField = __uint_as_float(raw[e]);
+}
+
+template <float EntryValues::*kField>
+__device__ __forceinline__ void store_state(uint64_t base, Range entries, const EntryValues* values) {
+  uint32_t raw[kStepVectorEntries];
+#pragma unroll
+  for (uint32_t e = 0; e < kStepVectorEntries; ++e) raw[e] = __float_as_uint(values[e].*kField);
+  store_raw(base, 4, entries, raw);
+}
+
+__global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBlocksPerMultiprocessor)
+    fused_update(SelectionLaunch p, StepLaunch s) {
+  if (*p.flags != 0u) return;  // a gradient is not finite: the step is a no-op
+  const int64_t t = step_index(s.step_count, s.step);
+  const bool has_scale = p.inv_loss_scale != nullptr;
+  const float inv_loss_scale = has_scale ? *p.inv_loss_scale : 1.0f;
+  uint32_t scalars_group = kNoGroup;
+  StepScalars scalars{};
+
+  const uint64_t units = p.chunk_count * UpdatePolicy::kPartsPerChunk;
+  for (uint64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    const uint64_t c = unit / UpdatePolicy::kPartsPerChunk;
+    const ChunkRecord chunk = p.chunks[c];
+    const Range part = candidate_slice(chunk.length, static_cast<uint32_t>(unit % UpdatePolicy::kPartsPerChunk),
+                                       UpdatePolicy::kPartsPerChunk);
+    if (part.begin == part.end) continue;
+    const UpdateWork work = update_work(p, s, c);
+    if (work.idle) continue;
+    if (work.group != scalars_group) {  // the same in every thread: neighbouring chunks share a group
+      scalars = step_scalars(s.groups[work.group], t);
+      scalars_group = work.group;
+    }
+    const StepGroup& group = s.groups[work.group];
+    const TensorRecord tensor = p.tensors[chunk.tensor];
+    const StepTensorRecord buffers = s.tensors[chunk.tensor];
+    const uint32_t grad_bytes = dtype_bytes(tensor.dtype);
+    const uint32_t param_bytes = dtype_bytes(buffers.param_dtype);
+    const VectorSplit split =
+        split_for_step(buffers.vector_phase, chunk.begin + part.begin, chunk.begin + part.end);
+
+    for (uint64_t i = threadIdx.x; i < split.items(); i += blockDim.x) {
+      const Range entries = item_entries(split, i);
+      const uint32_t count = static_cast<uint32_t>(entries.end - entries.begin);
+      uint32_t grad_raw[kStepVectorEntries] = {};
+      load_raw(tensor.grad, grad_bytes, entries, grad_raw);
+      const ItemPlan item = plan_item(grad_raw, count, tensor.dtype, work);
+      if (!item.touches_state) continue;
+
+      EntryValues values[kStepVectorEntries] = {};
+      uint32_t param_raw[kStepVectorEntries] = {};
+      const bool has_master = buffers.master != 0;
+      if (loads_param_bits(item, has_master)) load_raw(buffers.param, param_bytes, entries, param_raw);
+      if (has_master) {
+        load_state<&EntryValues::param>(buffers.master, entries, values);
+      } else {
+#pragma unroll
+        for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
+          values[e].param = gradient_to_float(param_raw[e], buffers.param_dtype);
+        }
+      }
+      if (buffers.exp_avg != 0) load_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
+      if (buffers.exp_avg_sq != 0) load_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
+      if (buffers.max_exp_avg_sq != 0) {
+        load_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
+      }
+
+      update_item(item, grad_raw, tensor.dtype, values, group, scalars, has_scale, inv_loss_scale);
+
+#pragma unroll
+      for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
+        param_raw[e] = param_bits_to_store(e < count ? item.fate[e] : EntryFate::skip, param_raw[e],
+                                           values[e].param, buffers.param_dtype);
+      }
+      store_raw(buffers.param, param_bytes, entries, param_raw);
+      if (has_master) store_state<&EntryValues::param>(buffers.master, entries, values);
+      if (buffers.exp_avg != 0) store_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
+      if (buffers.exp_avg_sq != 0) store_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
+      if (buffers.max_exp_avg_sq != 0) {
+        store_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t configure_step_kernels(int multiprocessors, int* update_blocks) {
+  int per_multiprocessor = 0;
+  const cudaError_t error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, fused_update,
+                                                                          UpdatePolicy::kThreads, 0);
+  if (error != cudaSuccess) return error;
+  *update_blocks = (per_multiprocessor < 1 ? 1 : per_multiprocessor) * multiprocessors;
+  return cudaSuccess;
+}
+
+cudaError_t launch_update(const SelectionLaunch& selection, const StepLaunch& step, int update_blocks,
+                          cudaStream_t stream) {
+  const uint64_t units = selection.chunk_count * UpdatePolicy::kPartsPerChunk;
+  const uint32_t blocks = static_cast<uint32_t>(units < static_cast<uint64_t>(update_blocks) ? units : update_blocks);
+  fused_update<<<blocks < 1 ? 1 : blocks, UpdatePolicy::kThreads, 0, stream>>>(selection, step);
+  return cudaGetLastError();
+}
+
+}  // namespace gmtk::kernels
