@@ -131,20 +131,22 @@ __device__ void flush_stage(const uint32_t* stage, uint32_t* stage_count, unsign
   __syncthreads();
 }
 
-// Passes A (level 0), B (level 1) and C (level 2): each persistent block
-// takes a contiguous run of the chunk table; each chunk belongs to one set,
-// whose histogram the block accumulates in shared memory and flushes when
-// the set changes (so about once per block and per set).
-template <int kLevel>
-__global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 0 ? 2 : 1)
-    histogram_pass(SelectionLaunch p, uint64_t chunk_end, uint32_t shared_bins) {
+// The histogram passes (selection_passes.hpp): the sample pass, pass A and
+// the level passes. Each persistent block takes a contiguous run of the chunk
+// table; each chunk belongs to one set, whose histogram the block accumulates
+// in shared memory (keys above a window in a register) and flushes when the
+// set changes (so about once per block and per set).
+template <HistogramPass kPass>
+__global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kPass == HistogramPass::level ? 1 : 2)
+    histogram_pass(SelectionLaunch p, uint64_t chunk_end) {
+  constexpr bool kMayGather = kPass == HistogramPass::level;
   extern __shared__ uint32_t shared[];
-  uint32_t* histogram = shared;
-  uint32_t* stage = shared + shared_bins;  // pass B only
+  uint32_t* histogram = shared;                  // kHistogramSlots counters
+  uint32_t* stage = shared + kHistogramSlots;    // level passes only
   __shared__ uint32_t stage_count;
   __shared__ unsigned long long stage_base;
 
-  zero_shared(histogram, shared_bins);
+  zero_shared(histogram, kHistogramSlots);
   if (threadIdx.x == 0) stage_count = 0;
   __syncthreads();
 
@@ -152,22 +154,24 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 
   const bool has_scale = p.inv_loss_scale != nullptr;
   const float inv_loss_scale = has_scale ? *p.inv_loss_scale : 1.0f;
   uint32_t pending_set = kNoPendingSet;
-  uint32_t pending_bins = 0;
   uint64_t pending_entries = 0;
+  uint32_t above = 0;  // this thread's keys above the pending set's window
+  const auto flush = [&]() {
+    if (above != 0) atomicAdd(&histogram[kAboveSlot], above);
+    above = 0;
+    flush_histogram(histogram, kHistogramSlots, p.histograms + p.sets[pending_set].histogram_offset);
+  };
 
   const Range chunks = block_chunks(blockIdx.x, gridDim.x, chunk_end);
   for (uint64_t c = chunks.begin; c < chunks.end; ++c) {
-    const ChunkWork work = chunk_work(p, kLevel, c);
+    const ChunkWork work = chunk_work(p, kPass, c);
     if (work.idle()) continue;  // the same decision in every thread
     const ChunkRecord chunk = p.chunks[c];
     const SetRecord set = p.sets[chunk.set];
     if (work.source != ChunkSource::skip) {
       if (must_flush_before(pending_set, pending_entries, chunk)) {
-        if (pending_set != kNoPendingSet) {
-          flush_histogram(histogram, pending_bins, p.histograms + p.sets[pending_set].histogram_offset);
-        }
+        if (pending_set != kNoPendingSet) flush();
         pending_set = chunk.set;
-        pending_bins = digit_bins(work.digit);
         pending_entries = 0;
       }
       pending_entries += chunk.length;
@@ -183,8 +187,8 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 
     }
 
     const TensorRecord tensor = p.tensors[chunk.tensor];
-    const VectorSplit split = split_for_vectors(tensor.grad, dtype_bytes(set.dtype), chunk.begin,
-                                                chunk.begin + chunk.length);
+    const VectorSplit split = split_for_vectors(tensor.grad, dtype_bytes(set.dtype), work.entries.begin,
+                                                work.entries.end);
     uint32_t* region = p.candidates + set.candidate_offset;
     for (uint64_t round = 0; round < split.items(); round += blockDim.x) {
       const uint64_t i = round + threadIdx.x;
@@ -197,13 +201,14 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 
           if (e >= item.count) break;  // constant indexes keep item.raw in registers
           const EntryVisit visit = visit_entry(work, item.raw[e], set.dtype, has_scale, inv_loss_scale);
           non_finite = non_finite || visit.non_finite;
+          above += visit.above ? 1u : 0u;
           if (visit.counted) {
             run.add(histogram, visit.bin);
             ++matched;
           }
         }
         run.flush(histogram);
-        if (kLevel == 1 && work.gather && matched != 0) {
+        if (kMayGather && work.gather && matched != 0) {
           // One reservation in the stage per item, then the keys in order.
           uint32_t slot = atomicAdd(&stage_count, matched);
 #pragma unroll
@@ -214,7 +219,7 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 
           }
         }
       }
-      if (kLevel == 1 && work.gather) {
+      if (kMayGather && work.gather) {
         // Every append of this round lands before any thread reads the
         // count, and all threads take the same decision before the next
         // round appends again.
@@ -224,13 +229,11 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kLevel == 
         }
       }
     }
-    if (kLevel == 1 && work.gather) {
+    if (kMayGather && work.gather) {
       flush_stage(stage, &stage_count, &stage_base, p.states + chunk.set, region, set.candidate_capacity);
     }
   }
-  if (pending_set != kNoPendingSet) {
-    flush_histogram(histogram, pending_bins, p.histograms + p.sets[pending_set].histogram_offset);
-  }
+  if (pending_set != kNoPendingSet) flush();
   if (non_finite) atomicOr(p.flags, 1u);
 }
 
@@ -245,27 +248,44 @@ __device__ void sum_segments(const Count* counts, uint32_t bins, uint32_t segmen
   }
 }
 
-// One block per large set: picks the level's boundary bin and rank from the
-// set's global histogram, then clears the histogram for the next level.
-__global__ void __launch_bounds__(SelectionPolicy::kScanThreads) scan_level(SelectionLaunch p, int level) {
+// One block per large set: sums the histogram in segments, then thread 0
+// decides (selection_passes.hpp); the block clears the histogram after use.
+__device__ void clear_histogram(unsigned long long* counts) {
+  for (uint32_t i = threadIdx.x; i < kHistogramSlots; i += blockDim.x) counts[i] = 0;
+}
+
+// After the sample pass: each large set's window.
+__global__ void __launch_bounds__(SelectionPolicy::kScanThreads) scan_sample(SelectionLaunch p) {
+  __shared__ uint64_t segment_sums[SelectionPolicy::kScanThreads];
+  const uint32_t set_index = p.large_sets[blockIdx.x];
+  if (!sample_scan_begins(p, set_index)) return;  // the same answer in every thread
+  const uint32_t segments = scan_segments(kLevelBins, blockDim.x);
+  unsigned long long* counts = p.histograms + p.sets[set_index].histogram_offset;
+  sum_segments(counts, kLevelBins, segments, segment_sums);
+  __syncthreads();
+  if (threadIdx.x == 0) sample_scan_finishes(p, set_index, segment_sums, segments);
+  __syncthreads();
+  clear_histogram(counts);
+}
+
+// After pass A and each level pass: each large set's boundary bin.
+__global__ void __launch_bounds__(SelectionPolicy::kScanThreads) scan_level(SelectionLaunch p) {
   __shared__ uint64_t segment_sums[SelectionPolicy::kScanThreads];
   __shared__ SetState state;
   __shared__ bool scans;
   __shared__ bool clear;
   const uint32_t set_index = p.large_sets[blockIdx.x];
-  if (threadIdx.x == 0) scans = scan_begins(p, level, set_index, &state);
+  if (threadIdx.x == 0) scans = scan_begins(p, set_index, &state);
   __syncthreads();
   if (!scans) return;
-  const uint32_t bins = digit_bins(scan_digit(p, level, set_index));
+  const uint32_t bins = state.bins;
   const uint32_t segments = scan_segments(bins, blockDim.x);
   unsigned long long* counts = p.histograms + p.sets[set_index].histogram_offset;
   sum_segments(counts, bins, segments, segment_sums);
   __syncthreads();
-  if (threadIdx.x == 0) clear = scan_finishes(p, level, set_index, segment_sums, segments, &state);
+  if (threadIdx.x == 0) clear = scan_finishes(p, set_index, segment_sums, segments, &state);
   __syncthreads();
-  if (clear) {
-    for (uint32_t i = threadIdx.x; i < bins; i += blockDim.x) counts[i] = 0;
-  }
+  if (clear) clear_histogram(counts);
 }
 
 // One block per small set: every level in shared memory, re-reading the set's
@@ -280,7 +300,7 @@ __global__ void __launch_bounds__(SelectionPolicy::kSmallSetThreads) select_smal
   __syncthreads();
   if (!selects) return;
   const SetRecord set = p.sets[set_index];
-  const DigitPlan plan = digit_plan(set.dtype, false);
+  const DigitPlan plan = small_set_digits(set.dtype);
   for (int level = 0; level < plan.levels; ++level) {
     const Digit digit = plan.digit[level];
     const uint32_t bins = digit_bins(digit);
@@ -308,7 +328,7 @@ __global__ void __launch_bounds__(SelectionPolicy::kSmallSetThreads) select_smal
     __syncthreads();
     if (threadIdx.x == 0) {
       const BinPick pick = pick_from_segments(histogram, segment_sums, segments, bins, state.rank);
-      advance_selection(state, plan, pick, histogram[pick.bin]);
+      advance_small_set(state, plan, pick, histogram[pick.bin]);
     }
     __syncthreads();
   }
@@ -373,26 +393,11 @@ uint32_t grid_for(T items, uint32_t cap) {
 
 }  // namespace
 
-constexpr size_t kPassAWideShared = kLargeHalfBins * sizeof(uint32_t);  // 128 KB: fp16/bf16 large sets
-constexpr size_t kPassANarrowShared = kLargeFloat32Bins * sizeof(uint32_t);
-constexpr size_t kPassBShared = (kLargeFloat32Bins + SelectionPolicy::kStageKeys) * sizeof(uint32_t);
-constexpr size_t kPassCShared = kLargeFloat32Bins * sizeof(uint32_t);
+constexpr size_t kCountingShared = kHistogramSlots * sizeof(uint32_t);  // 8 KB
+constexpr size_t kGatheringShared = (kHistogramSlots + SelectionPolicy::kStageKeys) * sizeof(uint32_t);  // 40 KB
 
 cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupancy) {
   cudaError_t error = cudaDeviceGetAttribute(&occupancy->multiprocessors, cudaDevAttrMultiProcessorCount, device);
-  if (error != cudaSuccess) return error;
-  int shared_optin = 0;
-  error = cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (error != cudaSuccess) return error;
-  // sm_80 and sm_90 give a block 163 KB / 227 KB; sm_86 and sm_89 only 99 KB,
-  // too little for the 15-bit histogram: there the plan sends fp16/bf16 sets
-  // to the one-block path instead (SelectionOccupancy::wide_histogram).
-  occupancy->wide_histogram = static_cast<size_t>(shared_optin) >= kPassAWideShared + 1024;
-  error = cudaFuncSetAttribute(histogram_pass<0>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(occupancy->wide_histogram ? kPassAWideShared : kPassANarrowShared));
-  if (error != cudaSuccess) return error;
-  error = cudaFuncSetAttribute(histogram_pass<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(kPassBShared));
   if (error != cudaSuccess) return error;
   // Persistent grids fill the device exactly once.
   const struct {
@@ -401,18 +406,15 @@ cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupanc
     int threads;
     size_t shared;
   } kernels[] = {
-      {&occupancy->pass_a_narrow, reinterpret_cast<const void*>(histogram_pass<0>), SelectionPolicy::kHistogramThreads,
-       kPassANarrowShared},
-      {&occupancy->pass_a_wide, reinterpret_cast<const void*>(histogram_pass<0>), SelectionPolicy::kHistogramThreads,
-       kPassAWideShared},
-      {&occupancy->pass_b, reinterpret_cast<const void*>(histogram_pass<1>), SelectionPolicy::kHistogramThreads,
-       kPassBShared},
-      {&occupancy->pass_c, reinterpret_cast<const void*>(histogram_pass<2>), SelectionPolicy::kHistogramThreads,
-       kPassCShared},
+      {&occupancy->pass_a, reinterpret_cast<const void*>(histogram_pass<HistogramPass::level_0>),
+       SelectionPolicy::kHistogramThreads, kCountingShared},
+      {&occupancy->sample_pass, reinterpret_cast<const void*>(histogram_pass<HistogramPass::sample>),
+       SelectionPolicy::kHistogramThreads, kCountingShared},
+      {&occupancy->level_pass, reinterpret_cast<const void*>(histogram_pass<HistogramPass::level>),
+       SelectionPolicy::kHistogramThreads, kGatheringShared},
       {&occupancy->apply, reinterpret_cast<const void*>(apply_keep_rule), SelectionPolicy::kApplyThreads, 0},
   };
   for (const auto& k : kernels) {
-    if (k.blocks == &occupancy->pass_a_wide && !occupancy->wide_histogram) continue;
     error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(k.blocks, k.kernel, k.threads, k.shared);
     if (error != cudaSuccess) return error;
     *k.blocks = (*k.blocks < 1 ? 1 : *k.blocks) * occupancy->multiprocessors;
@@ -424,26 +426,25 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
                                     size_t zeroed_bytes, const SelectionOccupancy& occupancy, cudaStream_t stream) {
   cudaError_t error = cudaMemsetAsync(zeroed, 0, zeroed_bytes, stream);
   if (error != cudaSuccess) return error;
-  constexpr int kHistogramThreads = SelectionPolicy::kHistogramThreads;
+  constexpr int kThreads = SelectionPolicy::kHistogramThreads;
   const auto resident = [](int blocks) { return static_cast<uint32_t>(blocks); };
 
+  if (schedule.sample) {
+    histogram_pass<HistogramPass::sample><<<grid_for(launch.large_chunks, resident(occupancy.sample_pass)), kThreads,
+                                            kCountingShared, stream>>>(launch, launch.large_chunks);
+    scan_sample<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch);
+  }
   if (schedule.pass_a) {
-    const bool wide = schedule.pass_a_bins > kLargeFloat32Bins;
-    const uint32_t blocks = resident(wide ? occupancy.pass_a_wide : occupancy.pass_a_narrow);
-    histogram_pass<0><<<grid_for(schedule.pass_a_chunks, blocks), kHistogramThreads,
-                        schedule.pass_a_bins * sizeof(uint32_t), stream>>>(launch, schedule.pass_a_chunks,
-                                                                           schedule.pass_a_bins);
+    histogram_pass<HistogramPass::level_0><<<grid_for(schedule.pass_a_chunks, resident(occupancy.pass_a)), kThreads,
+                                             kCountingShared, stream>>>(launch, schedule.pass_a_chunks);
   }
   if (schedule.large_scan) {
-    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, 0);
+    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch);
   }
-  if (schedule.refinement) {
-    histogram_pass<1><<<grid_for(launch.large_fp32_chunks, resident(occupancy.pass_b)), kHistogramThreads,
-                        kPassBShared, stream>>>(launch, launch.large_fp32_chunks, kLargeFloat32Bins);
-    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, 1);
-    histogram_pass<2><<<grid_for(launch.large_fp32_chunks, resident(occupancy.pass_c)), kHistogramThreads,
-                        kPassCShared, stream>>>(launch, launch.large_fp32_chunks, kLargeFloat32Bins);
-    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, 2);
+  for (int level = 0; level < schedule.level_passes; ++level) {
+    histogram_pass<HistogramPass::level><<<grid_for(launch.large_chunks, resident(occupancy.level_pass)), kThreads,
+                                           kGatheringShared, stream>>>(launch, launch.large_chunks);
+    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch);
   }
   if (schedule.small_sets) {
     select_small_sets<<<launch.small_set_count, SelectionPolicy::kSmallSetThreads, 0, stream>>>(launch);

@@ -10,17 +10,14 @@ namespace gmtk::kernels {
 // Resident blocks of each persistent kernel on the whole device.
 struct SelectionOccupancy {
   int multiprocessors = 0;
-  int pass_a_narrow = 0;  // pass A with fp32 histograms only
-  int pass_a_wide = 0;    // pass A with a 32768-bin histogram (large fp16/bf16 sets)
-  int pass_b = 0;
-  int pass_c = 0;
+  int sample_pass = 0;
+  int pass_a = 0;
+  int level_pass = 0;
   int apply = 0;
   int update = 0;  // gmtkStep's fused update (step_kernels.cu)
-  bool wide_histogram = false;  // a block may hold pass A's 128 KB histogram (large fp16/bf16 sets)
 };
 
-// Raises the shared-memory limit of the kernels that need more than 48 KB and
-// measures their occupancy. Once per device (current), before any launch.
+// Measures the persistent kernels' occupancy. Once per device (current), before any launch.
 cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupancy);
 
 // Enqueues a call's selection on `stream`, in schedule order: the memset of

@@ -119,7 +119,7 @@ GMTK_HD SetTarget set_target(double mask_ratio, uint64_t n) {
   return {SetGoal::select, k};
 }
 
-// ---- Digits --------------------------------------------------------------------
+// ---- Digits (small sets) ---------------------------------------------------------
 
 // One radix digit of the key: `bits` bits starting at bit `shift`.
 struct Digit {
@@ -128,24 +128,17 @@ struct Digit {
 };
 
 constexpr int kMaxLevels = 3;
-constexpr uint32_t kLargeFloat32Bins = 2048;   // every fp32 digit fits 11 bits
-constexpr uint32_t kLargeHalfBins = 32768;     // the whole 15-bit key of fp16/bf16
-constexpr uint32_t kSmallSetBins = 2048;       // the one-block path's shared histogram
+constexpr uint32_t kSmallSetBins = 2048;  // the one-block path's shared histogram
 
-// The digits a set's selection resolves, most significant first.
-//  - fp32 (any set): 11 + 11 + 9 bits. Large sets run level 0 in pass A,
-//    level 1 in pass B (which also gathers the boundary bin's keys as
-//    candidates) and level 2 in pass C (over those candidates when they fit).
-//  - fp16/bf16, large set: the whole 15-bit key in pass A, exact in one read.
-//  - fp16/bf16, small set (one block, shared memory): 11 + 4 bits.
+// The digits a small set's selection resolves in shared memory, most
+// significant first: fp32 11 + 11 + 9 bits, fp16/bf16 11 + 4.
 struct DigitPlan {
   int levels;
   Digit digit[kMaxLevels];
 };
 
-GMTK_HD DigitPlan digit_plan(uint32_t dtype, bool large_set) {
+GMTK_HD DigitPlan small_set_digits(uint32_t dtype) {
   if (dtype == kFloat32) return {3, {{20, 11}, {9, 11}, {0, 9}}};
-  if (large_set) return {1, {{0, 15}, {0, 0}, {0, 0}}};
   return {2, {{4, 11}, {0, 4}, {0, 0}}};
 }
 
@@ -158,6 +151,92 @@ GMTK_HD uint32_t digit_of(uint32_t key, Digit digit) { return (key >> digit.shif
 GMTK_HD bool matches_prefix(uint32_t key, uint32_t prefix, Digit digit) {
   const uint32_t high_shift = digit.shift + digit.bits;  // <= 31
   return (key >> high_shift) == (prefix >> high_shift);
+}
+
+// ---- Levels of a large set: bins over a range of keys ---------------------------
+//
+// Every level of a large set counts the keys of a range [base, base + bins <<
+// shift) in at most 2048 bins of 2^shift keys. The first range comes from a
+// sample (the window): pass A counts only the keys inside it in shared
+// memory, and the keys above it in a register, so that most entries cost no
+// atomic. When the k-th key lies outside the window (the sample misled), the
+// set starts again over the whole key space (the fallback, slower, same answer).
+
+constexpr uint32_t kLevelBins = 2048;             // 8 KB of shared counters
+constexpr uint32_t kAboveSlot = kLevelBins;       // the histogram slot counting keys above the window
+constexpr uint32_t kHistogramSlots = kLevelBins + 1;
+constexpr uint32_t kBelowRange = 0xFFFFFFFFu;
+constexpr uint32_t kAboveRange = 0xFFFFFFFEu;
+
+struct LevelRange {
+  uint32_t base;
+  uint32_t shift;
+  uint32_t bins;  // 0: the range is one key, the answer
+};
+
+// The top 11 bits of the key: the sample's bins, and the fallback's first level.
+GMTK_HD uint32_t coarse_shift(uint32_t dtype) { return key_bits(dtype) - 11u; }
+GMTK_HD LevelRange full_range(uint32_t dtype) { return {0u, coarse_shift(dtype), kLevelBins}; }
+
+GMTK_HD uint32_t range_bin(uint32_t key, LevelRange range) {
+  if (key < range.base) return kBelowRange;
+  const uint32_t bin = (key - range.base) >> range.shift;
+  return bin < range.bins ? bin : kAboveRange;
+}
+
+GMTK_HD uint32_t log2_of_power(uint32_t power_of_two) {
+  uint32_t log = 0;
+  while ((1u << log) < power_of_two) ++log;
+  return log;
+}
+
+// The range of bin `bin` of `range`, cut into the next level's bins
+// (at most 11 bits a level); bins 0 when it is a single key.
+GMTK_HD LevelRange narrowed_range(LevelRange range, uint32_t bin) {
+  const uint32_t base = range.base + (bin << range.shift);
+  if (range.shift == 0) return {base, 0u, 0u};
+  const uint32_t shift = range.shift > 11u ? range.shift - 11u : 0u;
+  return {base, shift, 1u << (range.shift - shift)};
+}
+
+// Levels still needed to resolve a bin of 2^width_log2 keys.
+GMTK_HD uint32_t levels_to_resolve(uint32_t width_log2) { return (width_log2 + 10u) / 11u; }
+
+// The sample ranks that bound the k-th largest key with high probability:
+// the sample's own k (scaled) -/+ 4 binomial standard deviations, plus
+// 0.4% of the sample for entries that come in correlated runs.
+struct SampleRanks {
+  uint64_t high;  // 1-based rank from the top: the window's upper end
+  uint64_t low;
+};
+
+GMTK_HD SampleRanks window_ranks(uint64_t k, uint64_t n, uint64_t m) {
+  const double scaled = ceil(static_cast<double>(k) * static_cast<double>(m) / static_cast<double>(n));
+  const double rank = scaled < 1.0 ? 1.0 : (scaled > static_cast<double>(m) ? static_cast<double>(m) : scaled);
+  const double spread = 4.0 * sqrt(rank * (static_cast<double>(m) - rank) / static_cast<double>(m)) +
+                        static_cast<double>(m) / 256.0 + 1.0;
+  const double high = rank - spread < 1.0 ? 1.0 : rank - spread;
+  const double low = rank + spread > static_cast<double>(m) ? static_cast<double>(m) : rank + spread;
+  return {static_cast<uint64_t>(high), static_cast<uint64_t>(ceil(low))};
+}
+
+// The window over coarse bins [low_bin, high_bin], widened to a power of two
+// of coarse bins (kept inside the key space): at most two levels in all
+// (22 bits), else no window (the whole key space, 3 levels for fp32).
+struct Window {
+  bool used;
+  LevelRange range;
+};
+
+GMTK_HD Window choose_window(uint32_t dtype, uint32_t low_bin, uint32_t high_bin) {
+  const uint32_t coarse = coarse_shift(dtype);
+  uint32_t width = 1;
+  while (width < high_bin - low_bin + 1u) width *= 2u;
+  const uint32_t width_log2 = coarse + log2_of_power(width);
+  if (width_log2 > 22u) return {false, full_range(dtype)};
+  const uint32_t first = low_bin < kLevelBins - width ? low_bin : kLevelBins - width;
+  const uint32_t shift = width_log2 > 11u ? width_log2 - 11u : 0u;
+  return {true, {first << coarse, shift, 1u << (width_log2 - shift)}};
 }
 
 // ---- The scan: boundary bin and rank -------------------------------------------
@@ -198,62 +277,76 @@ GMTK_HD BinPick pick_from_segments(const Count* counts, const uint64_t* segment_
 // How many runs a block splits `bins` into: one per thread, at most one per bin.
 GMTK_HD uint32_t scan_segments(uint32_t bins, uint32_t threads) { return bins < threads ? bins : threads; }
 
-// ---- Per-set state (workspace, zeroed at the start of every call) ---------------
+// ---- Per-set state of a large set (workspace, zeroed at the start of every call) --
 
 struct SetState {
-  uint64_t rank;             // 1-based rank, from the top, of the k-th key among the keys matching `prefix`
-  uint64_t kept_above;       // keys above the prefix's range: all kept
-  uint64_t bucket_count;     // keys matching the prefix after the last scan
-  unsigned long long candidates_gathered;  // pass B's cursor into the set's candidate region
-  uint32_t prefix;           // key bits decided so far
-  uint32_t level;            // digits decided so far
-  uint32_t gather;           // pass B appends the boundary bin's keys to the candidate region
+  uint64_t rank;             // 1-based rank, from the top, of the k-th key among the keys of the current range
+  uint64_t kept_above;       // keys above the current range: all kept
+  uint64_t bucket_count;     // keys in the current range after the last scan
+  unsigned long long candidates_gathered;  // a gathering pass's cursor into the set's candidate region
+  uint32_t prefix;           // the current range's first key; the threshold's key once done
+  uint32_t shift;            // the current range's bins: 2^shift keys each ...
+  uint32_t bins;             // ... this many (0 once done)
+  uint32_t level;            // levels decided since the (re)start
+  uint32_t windowed;         // level 0 counts a window (keys above it in kAboveSlot)
+  uint32_t gather;           // the next pass over the gradients appends the range's keys as candidates
+  uint32_t from_candidates;  // the next pass reads the candidates instead of the gradients
   uint32_t done;             // `prefix` is the k-th largest key: the threshold's key
-  uint32_t padding[4];
 };
 static_assert(sizeof(SetState) == 64, "SetState is one 64-byte record");
 
-GMTK_HD void begin_selection(SetState& state, uint64_t k) {
+GMTK_HD LevelRange current_range(const SetState& state) { return {state.prefix, state.shift, state.bins}; }
+
+GMTK_HD void begin_selection(SetState& state, uint64_t k, const Window& window) {
   state.rank = k;
   state.kept_above = 0;
   state.bucket_count = 0;
   state.candidates_gathered = 0;
-  state.prefix = 0;
+  state.prefix = window.range.base;
+  state.shift = window.range.shift;
+  state.bins = window.range.bins;
   state.level = 0;
+  state.windowed = window.used ? 1u : 0u;
   state.gather = 0;
+  state.from_candidates = 0;
   state.done = 0;
 }
 
-// Records a level's pick: the digit joins the prefix; at the last level the
-// prefix is the threshold key.
-GMTK_HD void advance_selection(SetState& state, const DigitPlan& plan, BinPick pick, uint64_t bin_count) {
-  const Digit digit = plan.digit[state.level];
-  state.prefix |= pick.bin << digit.shift;
+// Records a level's pick: the range narrows to the picked bin; once it is a
+// single key, that key is the threshold's. A gathering pass's candidates
+// serve every later level; a pass gathers when the picked bin fits the
+// candidate region and at least two levels remain (one to gather, one to read).
+GMTK_HD void advance_selection(SetState& state, BinPick pick, uint64_t bin_count, uint64_t candidate_capacity) {
+  const uint32_t width_log2 = state.shift;  // of the picked bin
+  const LevelRange next = narrowed_range(current_range(state), pick.bin);
+  state.prefix = next.base;
+  state.shift = next.shift;
+  state.bins = next.bins;
   state.rank = pick.rank_in_bin;
   state.kept_above += pick.above;
   state.bucket_count = bin_count;
   state.level += 1;
-  state.done = state.level == static_cast<uint32_t>(plan.levels) ? 1u : 0u;
+  state.done = next.bins == 0 ? 1u : 0u;
+  if (state.gather) {
+    state.gather = 0;
+    state.from_candidates = 1;
+  } else if (!state.from_candidates && !state.done && levels_to_resolve(width_log2) >= 2u &&
+             bin_count <= candidate_capacity) {
+    state.gather = 1;
+  }
 }
 
-// After level 0 of a large fp32 set: gather the boundary bin's keys in pass B
-// only if they all fit the set's region; otherwise pass C re-reads the
-// gradients (slower, same answer).
-GMTK_HD bool should_gather_candidates(uint64_t bucket_count, uint64_t capacity) { return bucket_count <= capacity; }
+// The window's level found the k-th key outside the window: start again over
+// the whole key space.
+GMTK_HD void restart_without_window(SetState& state, uint64_t k, uint32_t dtype) {
+  begin_selection(state, k, Window{false, full_range(dtype)});
+}
 
 // Where a pass's chunk takes its keys from, if anywhere.
 enum class ChunkSource : uint32_t { skip, gradients, candidates };
 
-// Refinement passes (levels 1 and 2) run over large fp32 sets still selecting.
-// Level 2 reads the gathered candidates when pass B kept them all.
-GMTK_HD ChunkSource refinement_source(const SetState& state, int level) {
-  if (state.done || static_cast<int>(state.level) != level) return ChunkSource::skip;
-  if (level == 2 && state.gather) return ChunkSource::candidates;
-  return ChunkSource::gradients;
-}
-
 // The share of a set's candidates that the `ordinal`-th of its `chunks` chunks
-// histograms in pass C: [begin, end).
+// histograms in a pass over candidates: [begin, end).
 struct Range {
   uint64_t begin;
   uint64_t end;

@@ -11,21 +11,29 @@
 
 namespace gmtk::kernels {
 
-// ---- Passes A, B, C: one chunk -----------------------------------------------
+// ---- The histogram passes over large sets: one chunk -----------------------------
+//
+// In order: the sample pass (the coarse bins of the first entries of every
+// chunk: the window), pass A (level 0 for every large set, found_inf for every
+// chunk), then up to 3 level passes, each taking every large set that is not
+// done one level further, over its gradients or its gathered candidates.
+
+enum class HistogramPass : uint32_t { sample, level_0, level };
 
 struct ChunkWork {
-  ChunkSource source;      // where the keys to histogram come from (skip: none)
+  ChunkSource source;      // where the keys to count come from (skip: none)
   bool check_non_finite;   // pass A: apply found_inf's rule to every entry
-  bool gather;             // pass B: append the prefix-matching keys to the candidate region
-  Digit digit;             // the level's digit of the set
-  uint32_t prefix;         // the set's decided bits
-  Range candidates;        // pass C from candidates: this chunk's share of the set's keys
+  bool gather;             // append the in-range keys to the candidate region
+  bool count_above;        // the window's level: keys above the range go to kAboveSlot
+  LevelRange range;        // the level's bins
+  Range entries;           // entries of the chunk to read (the sample pass reads the first few)
+  Range candidates;        // from candidates: this chunk's share of the set's keys
 
   GMTK_HD bool idle() const { return source == ChunkSource::skip && !check_non_finite; }
 };
 
 // The contiguous run of chunks [0, chunk_end) that block `block` of `blocks`
-// takes in passes A, B and C: neighbouring chunks mostly share a set, so a
+// takes in a histogram pass: neighbouring chunks mostly share a set, so a
 // block flushes its shared histogram about once per set it meets.
 GMTK_HD Range block_chunks(uint32_t block, uint32_t blocks, uint64_t chunk_end) {
   const uint64_t per_block = (chunk_end + blocks - 1) / blocks;
@@ -33,57 +41,76 @@ GMTK_HD Range block_chunks(uint32_t block, uint32_t blocks, uint64_t chunk_end) 
   return {begin, begin + per_block < chunk_end ? begin + per_block : chunk_end};
 }
 
-// What the block that takes chunk `c` does at `level` (0: pass A, 1: B, 2: C).
-// Depends on the chunk's data only, so it is the same for every thread.
-GMTK_HD ChunkWork chunk_work(const SelectionLaunch& p, int level, uint64_t c) {
+// Whether chunk `c` belongs to a large set that selects in this call.
+GMTK_HD bool selects_large(const SelectionLaunch& p, const SetRecord& set) {
+  return set.large && set_target(p.mask_ratio[set.group], set.numel).goal == SetGoal::select;
+}
+
+// What the block that takes chunk `c` does in `pass`. Depends on the chunk's
+// data only, so it is the same for every thread.
+GMTK_HD ChunkWork chunk_work(const SelectionLaunch& p, HistogramPass pass, uint64_t c) {
   const ChunkRecord chunk = p.chunks[c];
   const SetRecord set = p.sets[chunk.set];
-  const SetTarget target = set_target(p.mask_ratio[set.group], set.numel);
-  const bool selecting = set.large && target.goal == SetGoal::select;
   ChunkWork work{};
-  work.check_non_finite = level == 0 && p.check_non_finite != 0;
-  work.source = selecting ? ChunkSource::gradients : ChunkSource::skip;
-  work.digit = digit_plan(set.dtype, true).digit[level];
-  if (level > 0 && selecting) {
-    // Field by field: during pass B other blocks advance the candidate
-    // cursor of the same record, which only pass C reads.
-    const SetState& state = p.states[chunk.set];
-    work.source = refinement_source(state, level);
-    work.prefix = state.prefix;
-    work.gather = level == 1 && work.source == ChunkSource::gradients && state.gather != 0;
-    if (work.source == ChunkSource::candidates) {
-      // Never past the region, whatever the cursor says.
-      const uint64_t cursor = state.candidates_gathered;
-      const uint64_t gathered = cursor < set.candidate_capacity ? cursor : set.candidate_capacity;
-      work.candidates = candidate_slice(gathered, chunk.ordinal, set.chunk_count);
-    }
+  work.check_non_finite = pass == HistogramPass::level_0 && p.check_non_finite != 0;
+  work.entries = {chunk.begin, chunk.begin + chunk.length};
+  work.source = ChunkSource::skip;
+  if (!selects_large(p, set)) return work;
+  if (pass == HistogramPass::sample) {
+    work.source = ChunkSource::gradients;
+    work.range = full_range(set.dtype);
+    const uint64_t sampled = chunk.length < p.sample_entries ? chunk.length : p.sample_entries;
+    work.entries = {chunk.begin, chunk.begin + sampled};
+    return work;
+  }
+  // Field by field: during a gathering pass other blocks advance the
+  // candidate cursor of the same record, which only later passes read.
+  const SetState& state = p.states[chunk.set];
+  if (state.done) return work;
+  work.range = current_range(state);
+  work.count_above = state.windowed != 0 && state.level == 0;
+  if (state.from_candidates) {
+    work.source = ChunkSource::candidates;
+    // Never past the region, whatever the cursor says.
+    const uint64_t cursor = state.candidates_gathered;
+    const uint64_t gathered = cursor < set.candidate_capacity ? cursor : set.candidate_capacity;
+    work.candidates = candidate_slice(gathered, chunk.ordinal, set.chunk_count);
+  } else {
+    work.source = ChunkSource::gradients;
+    work.gather = state.gather != 0;
   }
   return work;
 }
 
 // One entry of a chunk: whether it trips found_inf, and whether (and in which
-// bin) it is counted.
+// bin) it is counted, or counted above the window.
 struct EntryVisit {
   bool non_finite;
   bool counted;
+  bool above;
   uint32_t bin;
   uint32_t key;
 };
 
-GMTK_HD EntryVisit visit_entry(const ChunkWork& work, uint32_t raw, uint32_t dtype, bool has_scale,
-                               float inv_loss_scale) {
+GMTK_HD EntryVisit visit_key(const ChunkWork& work, uint32_t key) {
   EntryVisit visit{};
-  visit.key = magnitude_key(raw, dtype);
-  visit.non_finite = work.check_non_finite && non_finite_after_unscaling(raw, dtype, has_scale, inv_loss_scale);
-  visit.counted = work.source == ChunkSource::gradients && matches_prefix(visit.key, work.prefix, work.digit);
-  visit.bin = digit_of(visit.key, work.digit);
+  visit.key = key;
+  visit.bin = range_bin(key, work.range);
+  visit.counted = visit.bin < work.range.bins;
+  visit.above = work.count_above && visit.bin == kAboveRange;
   return visit;
 }
 
-// A candidate key of pass C.
-GMTK_HD EntryVisit visit_candidate(const ChunkWork& work, uint32_t key) {
-  return {false, matches_prefix(key, work.prefix, work.digit), digit_of(key, work.digit), key};
+GMTK_HD EntryVisit visit_entry(const ChunkWork& work, uint32_t raw, uint32_t dtype, bool has_scale,
+                               float inv_loss_scale) {
+  EntryVisit visit{};
+  if (work.source == ChunkSource::gradients) visit = visit_key(work, magnitude_key(raw, dtype));
+  visit.non_finite = work.check_non_finite && non_finite_after_unscaling(raw, dtype, has_scale, inv_loss_scale);
+  return visit;
 }
+
+// A candidate key of a pass over candidates.
+GMTK_HD EntryVisit visit_candidate(const ChunkWork& work, uint32_t key) { return visit_key(work, key); }
 
 // A block's shared histogram holds one set's counts: it is flushed before a
 // chunk of another set is counted, and before a 32-bit counter could wrap.
@@ -94,39 +121,62 @@ constexpr uint32_t kNoPendingSet = 0xFFFFFFFFu;
 
 // ---- Scans (one block per large set) -----------------------------------------
 
-// Whether set `set_index` scans at `level`; if so, `state` is where it stands
-// (a fresh selection at level 0).
-GMTK_HD bool scan_begins(const SelectionLaunch& p, int level, uint32_t set_index, SetState* state) {
-  const SetRecord set = p.sets[set_index];
-  const SetTarget target = set_target(p.mask_ratio[set.group], set.numel);
-  if (target.goal != SetGoal::select || level >= digit_plan(set.dtype, true).levels) return false;
-  if (level == 0) {
-    begin_selection(*state, target.kept);
-    return true;
-  }
-  *state = p.states[set_index];
-  return !state->done && static_cast<int>(state->level) == level;
+// After the sample pass: whether set `set_index` selects; if so, `state`
+// begins its selection. The block sums the sample's segments first.
+GMTK_HD bool sample_scan_begins(const SelectionLaunch& p, uint32_t set_index) {
+  return selects_large(p, p.sets[set_index]);
 }
 
-// The level's digit of a large set.
-GMTK_HD Digit scan_digit(const SelectionLaunch& p, int level, uint32_t set_index) {
-  return digit_plan(p.sets[set_index].dtype, true).digit[level];
+// Picks the window from the sample's coarse counts (and their segment sums),
+// begins the set's selection in it and stores the state.
+GMTK_HD void sample_scan_finishes(const SelectionLaunch& p, uint32_t set_index, const uint64_t* segment_sums,
+                                  uint32_t segments) {
+  const SetRecord set = p.sets[set_index];
+  const SetTarget target = set_target(p.mask_ratio[set.group], set.numel);
+  const unsigned long long* counts = p.histograms + set.histogram_offset;
+  uint64_t sampled = 0;
+  for (uint32_t s = 0; s < segments; ++s) sampled += segment_sums[s];
+  Window window{false, full_range(set.dtype)};
+  if (sampled > 0) {
+    const SampleRanks ranks = window_ranks(target.kept, set.numel, sampled);
+    const uint32_t high_bin = pick_from_segments(counts, segment_sums, segments, kLevelBins, ranks.high).bin;
+    const uint32_t low_bin = pick_from_segments(counts, segment_sums, segments, kLevelBins, ranks.low).bin;
+    window = choose_window(set.dtype, low_bin, high_bin);
+  }
+  SetState state{};
+  begin_selection(state, target.kept, window);
+  p.states[set_index] = state;
+}
+
+// After a level pass: whether set `set_index` scans; if so `state` is where it stands.
+GMTK_HD bool scan_begins(const SelectionLaunch& p, uint32_t set_index, SetState* state) {
+  if (!selects_large(p, p.sets[set_index])) return false;
+  *state = p.states[set_index];
+  return !state->done;
 }
 
 // Picks the boundary bin from the set's histogram (and the segment sums of its
-// `segments` runs), advances the state, decides pass B's gathering after
-// level 0, and stores the state. Returns whether the histogram is needed
-// again (another level follows).
-GMTK_HD bool scan_finishes(const SelectionLaunch& p, int level, uint32_t set_index, const uint64_t* segment_sums,
+// `segments` runs), advances the state and stores it. On the window's level,
+// a k-th key outside the window restarts the set over the whole key space.
+// Returns whether the histogram is needed again (another level follows).
+GMTK_HD bool scan_finishes(const SelectionLaunch& p, uint32_t set_index, const uint64_t* segment_sums,
                            uint32_t segments, SetState* state) {
   const SetRecord set = p.sets[set_index];
-  const DigitPlan plan = digit_plan(set.dtype, true);
   const unsigned long long* counts = p.histograms + set.histogram_offset;
-  const BinPick pick = pick_from_segments(counts, segment_sums, segments, digit_bins(plan.digit[level]), state->rank);
-  advance_selection(*state, plan, pick, counts[pick.bin]);
-  if (level == 0 && set.dtype == kFloat32) {
-    state->gather = should_gather_candidates(state->bucket_count, set.candidate_capacity) ? 1u : 0u;
+  if (state->windowed && state->level == 0) {
+    uint64_t inside = 0;
+    for (uint32_t s = 0; s < segments; ++s) inside += segment_sums[s];
+    const uint64_t above = counts[kAboveSlot];
+    if (state->rank <= above || state->rank > above + inside) {
+      restart_without_window(*state, state->rank, set.dtype);
+      p.states[set_index] = *state;
+      return true;
+    }
+    state->rank -= above;
+    state->kept_above += above;
   }
+  const BinPick pick = pick_from_segments(counts, segment_sums, segments, state->bins, state->rank);
+  advance_selection(*state, pick, counts[pick.bin], set.candidate_capacity);
   p.states[set_index] = *state;
   return !state->done;
 }
@@ -138,8 +188,20 @@ GMTK_HD bool small_set_begins(const SelectionLaunch& p, uint32_t set_index, SetS
   const SetRecord set = p.sets[set_index];
   const SetTarget target = set_target(p.mask_ratio[set.group], set.numel);
   if (target.goal != SetGoal::select) return false;
-  begin_selection(*state, target.kept);
+  begin_selection(*state, target.kept, Window{false, full_range(set.dtype)});
   return true;
+}
+
+// A small set's level pick: the digit joins the prefix; at the last digit the
+// prefix is the threshold key.
+GMTK_HD void advance_small_set(SetState& state, const DigitPlan& plan, BinPick pick, uint64_t bin_count) {
+  const Digit digit = plan.digit[state.level];
+  state.prefix |= pick.bin << digit.shift;
+  state.rank = pick.rank_in_bin;
+  state.kept_above += pick.above;
+  state.bucket_count = bin_count;
+  state.level += 1;
+  state.done = state.level == static_cast<uint32_t>(plan.levels) ? 1u : 0u;
 }
 
 // ---- The apply pass: mask and per-tensor counts ---------------------------------

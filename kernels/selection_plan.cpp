@@ -31,6 +31,7 @@ void append_chunks(const SelectionTables& tables, uint32_t set_index, uint64_t c
 SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& groups,
                                        const std::vector<gmtkTensor_t>& tensors, const SelectionTuning& tuning) {
   SelectionTables tables;
+  tables.sample_entries = tuning.sample_entries;
   tables.tensors.resize(tensors.size());
   for (size_t t = 0; t < tensors.size(); ++t) {
     tables.tensors[t] = TensorRecord{static_cast<uint64_t>(reinterpret_cast<uintptr_t>(tensors[t].grad)),
@@ -75,10 +76,8 @@ SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& gro
       continue;
     }
     tables.large_sets.push_back(s);
-    const uint32_t bins = set.dtype == kFloat32 ? kLargeFloat32Bins : kLargeHalfBins;
     set.histogram_offset = tables.histogram_counters;
-    tables.histogram_counters += bins;
-    tables.pass_a_bins = std::max(tables.pass_a_bins, bins);
+    tables.histogram_counters += kHistogramSlots;
     if (set.dtype == kFloat32) {
       set.candidate_offset = tables.candidate_keys;
       set.candidate_capacity = std::max(tuning.min_candidates, set.numel / tuning.candidate_share);
@@ -125,11 +124,11 @@ SelectionSchedule selection_schedule(const SelectionTables& tables, const Select
   // A step needs found_inf even unasked: a non-finite gradient makes it a no-op.
   schedule.check_non_finite = request.mask_gradients || request.wants_found_inf || request.step;
   const bool large_selection = select && !tables.large_sets.empty();
+  schedule.sample = large_selection;
   schedule.pass_a = schedule.check_non_finite ? !tables.chunks.empty() : large_selection;
   schedule.pass_a_chunks = schedule.check_non_finite ? tables.chunks.size() : tables.large_chunks;
-  schedule.pass_a_bins = large_selection ? tables.pass_a_bins : 0u;
   schedule.large_scan = large_selection;
-  schedule.refinement = select && tables.large_fp32_chunks > 0;
+  schedule.level_passes = !large_selection ? 0 : (tables.large_fp32_chunks > 0 ? 3 : 2);
   schedule.small_sets = select && !tables.small_sets.empty();
   schedule.zero_masked = request.mask_gradients && select;
   schedule.count_kept_per_tensor = request.wants_kept_counts && tables.has_multi_tensor_sets && select;
@@ -140,7 +139,8 @@ SelectionSchedule selection_schedule(const SelectionTables& tables, const Select
 
 void bind_table_sizes(const SelectionTables& tables, SelectionLaunch* launch) {
   launch->chunk_count = tables.chunks.size();
-  launch->large_fp32_chunks = tables.large_fp32_chunks;
+  launch->large_chunks = tables.large_chunks;
+  launch->sample_entries = tables.sample_entries;
   launch->tensor_count = static_cast<uint32_t>(tables.tensors.size());
   launch->large_set_count = static_cast<uint32_t>(tables.large_sets.size());
   launch->small_set_count = static_cast<uint32_t>(tables.small_sets.size());

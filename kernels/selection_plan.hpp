@@ -24,6 +24,7 @@ struct SelectionTuning {
   uint64_t small_set_limit_16bit = uint64_t{1} << 21; // fp16/bf16 sets below this run on one block
   uint64_t candidate_share = 32;                      // a large fp32 set may gather n / 32 candidate keys
   uint64_t min_candidates = 4096;                     // ... and at least this many
+  uint32_t sample_entries = 1024;                     // a large set's sample: the first entries of each chunk
 };
 
 // The device tables. Records are plain structs of fixed layout.
@@ -64,9 +65,9 @@ struct SelectionTables {
   std::vector<uint32_t> small_sets;
   uint64_t large_fp32_chunks = 0;     // chunks [0, large_fp32_chunks) are large fp32 sets'
   uint64_t large_chunks = 0;          // chunks [0, large_chunks) are large sets'
-  uint64_t histogram_counters = 0;    // 64-bit counters, all large sets
+  uint32_t sample_entries = 0;        // SelectionTuning::sample_entries
+  uint64_t histogram_counters = 0;    // 64-bit counters, all large sets (kHistogramSlots each)
   uint64_t candidate_keys = 0;        // 32-bit keys, all large fp32 sets
-  uint32_t pass_a_bins = 0;           // widest histogram of pass A: 0, 2048 or 32768
   bool has_multi_tensor_sets = false; // a global set of several tensors: its per-tensor kept counts need a count
 };
 
@@ -115,10 +116,11 @@ struct SelectionLaunch {
   float* found_inf;
   int64_t* step_count;          // gmtkStep's device counter: advanced by the outputs launch unless found_inf
   uint64_t chunk_count;
-  uint64_t large_fp32_chunks;
+  uint64_t large_chunks;
   uint32_t tensor_count;
   uint32_t large_set_count;
   uint32_t small_set_count;
+  uint32_t sample_entries;         // SelectionTuning::sample_entries
   uint32_t check_non_finite;       // pass A evaluates found_inf's rule on every chunk
   uint32_t zero_masked;            // the apply pass writes +0 over masked gradients (gmtkMaskGradients)
   uint32_t count_kept_per_tensor;  // the apply pass counts kept entries of multi-tensor sets, per tensor
@@ -138,14 +140,15 @@ struct SelectionRequest {
 };
 
 // Which launches a call makes, decided on the host from the tables and the
-// request alone (no device state): at most 10, whatever the tensor count.
+// request alone (no device state): at most 15, whatever the tensor count.
 struct SelectionSchedule {
   bool check_non_finite;
-  bool pass_a;                // histograms of level 0 for large sets, found_inf for every chunk
+  bool sample;                // the sample pass of the large sets and its scan (their windows)
+  bool pass_a;                // level 0 of the large sets, found_inf for every chunk
   uint64_t pass_a_chunks;     // chunks [0, pass_a_chunks)
-  uint32_t pass_a_bins;       // shared-memory histogram of pass A (0: found_inf only)
   bool large_scan;            // level 0's scan of the large sets
-  bool refinement;            // passes B and C and their scans (large fp32 sets)
+  int level_passes;           // further level passes over the large sets' chunks, each with its scan:
+                              // 3 with large fp32 sets (the no-window fallback's 3 levels), 2 with only 16-bit ones
   bool small_sets;            // the one-block selection of small sets
   bool apply;                 // the mask / count pass
   bool zero_masked;
@@ -154,7 +157,7 @@ struct SelectionSchedule {
 
   // Kernel launches plus the workspace memset.
   int launches() const {
-    return 2 + (pass_a ? 1 : 0) + (large_scan ? 1 : 0) + (refinement ? 4 : 0) + (small_sets ? 1 : 0) +
+    return 2 + (sample ? 2 : 0) + (pass_a ? 1 : 0) + (large_scan ? 1 : 0) + 2 * level_passes + (small_sets ? 1 : 0) +
            (apply ? 1 : 0) + (update ? 1 : 0);
   }
 };

@@ -114,26 +114,38 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBloc
       const Range entries = item_entries(split, i);
       const uint32_t count = static_cast<uint32_t>(entries.end - entries.begin);
       uint32_t grad_raw[kStepVectorEntries] = {};
-      load_raw(tensor.grad, grad_bytes, entries, grad_raw);
-      const ItemPlan item = plan_item(grad_raw, count, tensor.dtype, work);
-      if (!item.touches_state) continue;
-
       EntryValues values[kStepVectorEntries] = {};
       uint32_t param_raw[kStepVectorEntries] = {};
       const bool has_master = buffers.master != 0;
-      if (loads_param_bits(item, has_master)) load_raw(buffers.param, param_bytes, entries, param_raw);
-      if (has_master) {
-        load_state<&EntryValues::param>(buffers.master, entries, values);
-      } else {
+      // Loads the item's parameter (or master) and state.
+      const auto load_item_state = [&](bool param_bits) {
+        if (param_bits) load_raw(buffers.param, param_bytes, entries, param_raw);
+        if (has_master) {
+          load_state<&EntryValues::param>(buffers.master, entries, values);
+        } else {
 #pragma unroll
-        for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
-          values[e].param = gradient_to_float(param_raw[e], buffers.param_dtype);
+          for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
+            values[e].param = gradient_to_float(param_raw[e], buffers.param_dtype);
+          }
         }
-      }
-      if (buffers.exp_avg != 0) load_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
-      if (buffers.exp_avg_sq != 0) load_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
-      if (buffers.max_exp_avg_sq != 0) {
-        load_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
+        if (buffers.exp_avg != 0) load_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
+        if (buffers.exp_avg_sq != 0) load_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
+        if (buffers.max_exp_avg_sq != 0) {
+          load_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
+        }
+      };
+      load_raw(tensor.grad, grad_bytes, entries, grad_raw);
+      ItemPlan item;
+      if (work.freeze) {
+        // The state loads wait for the gradient: an item whose entries are all
+        // masked reads and writes nothing else (the sectors freeze skips).
+        item = plan_item(grad_raw, count, tensor.dtype, work);
+        if (!item.touches_state) continue;
+        load_item_state(loads_param_bits(item, has_master));
+      } else {
+        // Every entry is updated: all loads of the item are in flight at once.
+        load_item_state(!has_master);
+        item = plan_item(grad_raw, count, tensor.dtype, work);
       }
 
       update_item(item, grad_raw, tensor.dtype, values, group, scalars, has_scale, inv_loss_scale);

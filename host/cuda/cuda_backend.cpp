@@ -156,9 +156,7 @@ class CudaBackend final : public Backend {
                   plan.tensors.size());
     }
     auto state = std::make_unique<CudaPlanState>(device_);
-    kernels::SelectionTuning tuning;
-    // Without room for the 15-bit histogram, fp16/bf16 sets of any size take the one-block path.
-    if (!occupancy_.wide_histogram) tuning.small_set_limit_16bit = UINT64_MAX;
+    const kernels::SelectionTuning tuning;
     state->tables = kernels::build_selection_tables(plan.groups, plan.tensors, tuning);
     state->workspace = kernels::selection_workspace(state->tables);
     kernels::SelectionLaunch& launch = state->launch;

@@ -392,6 +392,7 @@ SelectionTuning tiny_tuning() {
   tuning.small_set_limit_16bit = 200;
   tuning.candidate_share = 8;
   tuning.min_candidates = 16;
+  tuning.sample_entries = 8;
   return tuning;
 }
 

@@ -15,7 +15,7 @@ namespace gmtk_test {
 
 enum class Contents {
   gaussian, heavy_tail, all_equal, all_zero, signed_zeros, subnormals, one_nonzero, two_values, quantized,
-  non_finite, random_bits, shared_top_bits
+  non_finite, random_bits, shared_top_bits, sample_skewed
 };
 
 inline const char* name_of(Contents c) {
@@ -32,6 +32,7 @@ inline const char* name_of(Contents c) {
     case Contents::non_finite: return "non_finite";
     case Contents::random_bits: return "random_bits";
     case Contents::shared_top_bits: return "shared_top_bits";
+    case Contents::sample_skewed: return "sample_skewed";
   }
   return "?";
 }
@@ -39,7 +40,8 @@ inline const char* name_of(Contents c) {
 inline const Contents kAllContents[] = {Contents::gaussian,  Contents::heavy_tail,  Contents::all_equal,
                                  Contents::all_zero,  Contents::signed_zeros, Contents::subnormals,
                                  Contents::one_nonzero, Contents::two_values, Contents::quantized,
-                                 Contents::non_finite, Contents::random_bits, Contents::shared_top_bits};
+                                 Contents::non_finite, Contents::random_bits, Contents::shared_top_bits,
+                                 Contents::sample_skewed};
 
 inline uint32_t bits_of(float value) {
   uint32_t bits;
@@ -97,6 +99,10 @@ inline uint32_t entry_bits(Contents contents, gmtkDtype_t dtype, uint64_t i, uin
       return stored_bits(normal(rng), dtype);
     }
     case Contents::random_bits: return static_cast<uint32_t>(rng()) & (dtype == GMTK_FLOAT32 ? 0xFFFFFFFFu : 0xFFFFu);
+    case Contents::sample_skewed:  // tiny where the large-set sample looks (the first entries of each
+                                   // chunk, product and tiny tunings), ordinary elsewhere: the window misses
+      return ((i % 64) < 8 || (i % 65536) < 1024) ? stored_bits(1e-6f, dtype) | sign
+                                                   : stored_bits(normal(rng), dtype);
     case Contents::shared_top_bits:  // one 11-bit bucket, differing in the low bits: every fp32 level decides
       return dtype == GMTK_FLOAT32 ? (0x3A800000u | static_cast<uint32_t>(rng() % 0x100000u)) | sign
                                    : (0x3A00u | static_cast<uint32_t>(rng() % 0x10u)) | sign;

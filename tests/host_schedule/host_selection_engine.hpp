@@ -25,8 +25,11 @@ struct EngineTrace {
   int launches = 0;
   int large_sets_selected = 0;
   int small_sets_selected = 0;
-  int sets_gathering = 0;        // pass C read candidates
-  int sets_overflowing = 0;      // pass C re-read gradients
+  int sets_gathering = 0;        // a level pass read gathered candidates
+  int sets_overflowing = 0;      // a bin with 2+ levels left did not fit the candidate region: re-read gradients
+  int windows_used = 0;          // pass A counted a sampled window
+  int window_misses = 0;         // ... which did not hold the k-th key: restart over the whole key space
+  int windows_too_wide = 0;      // the sample spread over too many coarse bins: no window
   int histogram_flushes = 0;
   // The fused update (gmtkStep)
   bool update_ran = false;        // the update launch ran and found every gradient finite
@@ -81,14 +84,15 @@ class HostSelectionEngine {
     trace_.launches = schedule.launches();
 
     std::memset(base, 0, layout_.zeroed_bytes);  // the cudaMemsetAsync
-    if (schedule.pass_a) histogram_pass(0, schedule.pass_a_chunks);
-    if (schedule.large_scan) scan_level(0);
-    if (schedule.refinement) {
-      histogram_pass(1, p.large_fp32_chunks);
-      scan_level(1);
-      count_candidate_paths();
-      histogram_pass(2, p.large_fp32_chunks);
-      scan_level(2);
+    if (schedule.sample) {
+      histogram_pass(HistogramPass::sample, p.large_chunks);
+      scan_sample();
+    }
+    if (schedule.pass_a) histogram_pass(HistogramPass::level_0, schedule.pass_a_chunks);
+    if (schedule.large_scan) scan_level();
+    for (int level = 0; level < schedule.level_passes; ++level) {
+      histogram_pass(HistogramPass::level, p.large_chunks);
+      scan_level();
     }
     if (schedule.small_sets) select_small_sets();
     if (schedule.apply) apply_keep_rule();
@@ -128,36 +132,35 @@ class HostSelectionEngine {
     }
   }
 
-  void flush(std::vector<uint32_t>& shared, uint32_t bins, uint32_t set) {
+  void flush(std::vector<uint32_t>& shared, uint32_t set) {
     unsigned long long* counts = launch_.histograms + launch_.sets[set].histogram_offset;
-    for (uint32_t i = 0; i < bins; ++i) {
+    for (uint32_t i = 0; i < kHistogramSlots; ++i) {
       counts[i] += shared[i];
       shared[i] = 0;
     }
     ++trace_.histogram_flushes;
   }
 
-  // histogram_pass<level>: persistent blocks over chunks [0, chunk_end).
-  void histogram_pass(int level, uint64_t chunk_end) {
+  // histogram_pass<pass>: persistent blocks over chunks [0, chunk_end).
+  void histogram_pass(HistogramPass pass, uint64_t chunk_end) {
     const SelectionLaunch& p = launch_;
     const bool has_scale = p.inv_loss_scale != nullptr;
     const float inv_loss_scale = has_scale ? *p.inv_loss_scale : 1.0f;
-    std::vector<uint32_t> shared(kLargeHalfBins);
+    std::vector<uint32_t> shared(kHistogramSlots);
     for (uint32_t block = 0; block < persistent_blocks_; ++block) {
-      uint32_t pending_set = kNoPendingSet, pending_bins = 0;
+      uint32_t pending_set = kNoPendingSet;
       uint64_t pending_entries = 0;
       bool non_finite = false;
       const Range chunks = block_chunks(block, persistent_blocks_, chunk_end);
       for (uint64_t c = chunks.begin; c < chunks.end; ++c) {
-        const ChunkWork work = chunk_work(p, level, c);
+        const ChunkWork work = chunk_work(p, pass, c);
         if (work.idle()) continue;
         const ChunkRecord chunk = p.chunks[c];
         const SetRecord set = p.sets[chunk.set];
         if (work.source != ChunkSource::skip) {
           if (must_flush_before(pending_set, pending_entries, chunk)) {
-            if (pending_set != kNoPendingSet) flush(shared, pending_bins, pending_set);
+            if (pending_set != kNoPendingSet) flush(shared, pending_set);
             pending_set = chunk.set;
-            pending_bins = digit_bins(work.digit);
             pending_entries = 0;
           }
           pending_entries += chunk.length;
@@ -172,10 +175,11 @@ class HostSelectionEngine {
         }
         const TensorRecord tensor = p.tensors[chunk.tensor];
         SetState& state = p.states[chunk.set];
-        for_each_item_entry(tensor.grad, set.dtype, chunk.begin, chunk.begin + chunk.length, [&](uint64_t e) {
+        for_each_item_entry(tensor.grad, set.dtype, work.entries.begin, work.entries.end, [&](uint64_t e) {
           const EntryVisit visit = visit_entry(work, load_raw(tensor.grad, set.dtype, e), set.dtype, has_scale,
                                                inv_loss_scale);
           non_finite = non_finite || visit.non_finite;
+          if (visit.above) ++shared[kAboveSlot];
           if (!visit.counted) return;
           ++shared[visit.bin];
           if (work.gather) {  // flush_stage's append, bounded the same way
@@ -184,7 +188,7 @@ class HostSelectionEngine {
           }
         });
       }
-      if (pending_set != kNoPendingSet) flush(shared, pending_bins, pending_set);
+      if (pending_set != kNoPendingSet) flush(shared, pending_set);
       if (non_finite) *p.flags |= 1u;
     }
   }
@@ -198,34 +202,44 @@ class HostSelectionEngine {
     }
   }
 
-  void scan_level(int level) {
+  static constexpr uint32_t kScanThreads = 256;  // SelectionPolicy::kScanThreads
+
+  void scan_sample() {
     const SelectionLaunch& p = launch_;
-    constexpr uint32_t kScanThreads = 256;  // SelectionPolicy::kScanThreads
+    uint64_t sums[kScanThreads];
+    for (uint32_t b = 0; b < p.large_set_count; ++b) {
+      const uint32_t set_index = p.large_sets[b];
+      if (!sample_scan_begins(p, set_index)) continue;
+      ++trace_.large_sets_selected;
+      const uint32_t segments = scan_segments(kLevelBins, kScanThreads);
+      unsigned long long* counts = p.histograms + p.sets[set_index].histogram_offset;
+      sum_segments(counts, kLevelBins, segments, sums);
+      sample_scan_finishes(p, set_index, sums, segments);
+      ++(p.states[set_index].windowed ? trace_.windows_used : trace_.windows_too_wide);
+      std::fill(counts, counts + kHistogramSlots, 0ull);
+    }
+  }
+
+  void scan_level() {
+    const SelectionLaunch& p = launch_;
     uint64_t sums[kScanThreads];
     for (uint32_t b = 0; b < p.large_set_count; ++b) {
       const uint32_t set_index = p.large_sets[b];
       SetState state{};
-      if (!scan_begins(p, level, set_index, &state)) continue;
-      if (level == 0) ++trace_.large_sets_selected;
-      const uint32_t bins = digit_bins(scan_digit(p, level, set_index));
+      if (!scan_begins(p, set_index, &state)) continue;
+      const bool window_level = state.windowed && state.level == 0;
+      if (state.from_candidates) ++trace_.sets_gathering;
+      const uint32_t bins = state.bins;
       const uint32_t segments = scan_segments(bins, kScanThreads);
       unsigned long long* counts = p.histograms + p.sets[set_index].histogram_offset;
       sum_segments(counts, bins, segments, sums);
-      if (scan_finishes(p, level, set_index, sums, segments, &state)) {
-        for (uint32_t i = 0; i < bins; ++i) counts[i] = 0;
-      }
-    }
-  }
-
-  void count_candidate_paths() {
-    for (uint32_t b = 0; b < launch_.large_set_count; ++b) {
-      const SetState& state = launch_.states[launch_.large_sets[b]];
-      if (state.level != 2 || state.done) continue;  // between scan 1 and pass C
-      if (state.gather) {
-        ++trace_.sets_gathering;
-      } else {
+      const bool clear = scan_finishes(p, set_index, sums, segments, &state);
+      if (window_level && !state.windowed) ++trace_.window_misses;
+      if (state.level > 0 && !state.done && !state.gather && !state.from_candidates && levels_to_resolve(state.shift +
+          log2_of_power(state.bins)) >= 2 && p.sets[set_index].dtype == kFloat32) {
         ++trace_.sets_overflowing;
       }
+      if (clear) std::fill(counts, counts + kHistogramSlots, 0ull);
     }
   }
 
@@ -240,7 +254,7 @@ class HostSelectionEngine {
       if (!small_set_begins(p, set_index, &state)) continue;
       ++trace_.small_sets_selected;
       const SetRecord set = p.sets[set_index];
-      const DigitPlan plan = digit_plan(set.dtype, false);
+      const DigitPlan plan = small_set_digits(set.dtype);
       for (int level = 0; level < plan.levels; ++level) {
         const Digit digit = plan.digit[level];
         const uint32_t bins = digit_bins(digit);
@@ -255,7 +269,7 @@ class HostSelectionEngine {
         const uint32_t segments = scan_segments(bins, kSmallSetThreads);
         sum_segments(histogram.data(), bins, segments, sums);
         const BinPick pick = pick_from_segments(histogram.data(), sums, segments, bins, state.rank);
-        advance_selection(state, plan, pick, histogram[pick.bin]);
+        advance_small_set(state, plan, pick, histogram[pick.bin]);
       }
       p.states[set_index] = state;
     }
