@@ -142,7 +142,7 @@ class ReferenceBackend final : public Backend {
 
   // Host memory cannot be told from a wild pointer without touching it; the
   // contract (docs/api.md) is that the CPU reference backend takes host memory.
-  gmtkStatus_t check_reachable(const std::vector<BufferRange>&) override { return GMTK_SUCCESS; }
+  gmtkStatus_t check_reachable(const BufferRange*, size_t) override { return GMTK_SUCCESS; }
 
   gmtkStatus_t prepare_plan(Plan&) override { return GMTK_SUCCESS; }
 
