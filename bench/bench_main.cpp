@@ -4,7 +4,10 @@
 // a fraction of its device's copy bandwidth, each masked call's time over the
 // plain step's, global over per-tensor scope, each distribution's time over
 // Gaussian data's, and for each GPU selection its time over one read of the
-// gradients and its speed-up over the CUB sort that selects the same.
+// gradients and its speed-up over the CUB sort that selects the same; then
+// the launches of one call (nodes of its CUDA graph, by type) and the median
+// host time of one call. Where PERFORMANCE.md sets a target, it is printed
+// beside the figure.
 //
 // Own flags (before Google Benchmark's):
 //   --gmtk_ratios_out=FILE   also write the ratios as JSON
@@ -39,6 +42,7 @@ bool run_was_skipped(const Run& run, long) {
 struct Measurement {
   double seconds_per_iteration = 0;
   double bytes_per_second = 0;
+  std::map<std::string, double> counters;
 };
 
 // The console reporter, keeping each finished run's time and bandwidth.
@@ -49,8 +53,9 @@ class RecordingReporter : public benchmark::ConsoleReporter {
       if (run.run_type != Run::RT_Iteration || run_was_skipped(run, 0) || run.iterations == 0) continue;
       Measurement m;
       m.seconds_per_iteration = run.real_accumulated_time / static_cast<double>(run.iterations);
-      const auto bandwidth = run.counters.find("bytes_per_second");
-      if (bandwidth != run.counters.end()) m.bytes_per_second = bandwidth->second.value;
+      for (const auto& [counter, value] : run.counters) m.counters[counter] = value.value;
+      const auto bandwidth = m.counters.find("bytes_per_second");
+      if (bandwidth != m.counters.end()) m.bytes_per_second = bandwidth->second;
       // The registered name, without the "/real_time" or "/manual_time" suffix.
       const std::string& args = run.run_name.args;
       measurements[run.run_name.function_name + (args.empty() ? "" : "/" + args)] = m;
@@ -64,7 +69,50 @@ struct Ratio {
   std::string benchmark;
   std::string what;
   double value;
+  std::string target = "";  // PERFORMANCE.md's, where it sets one for this figure
 };
+
+// PERFORMANCE.md's targets are for the GPU, on the Llama-shaped lists (steps)
+// and the 1e9-entry tensor (selection).
+bool is_llama(const StepSpec& spec) { return spec.shapes.name.compare(0, 5, "llama") == 0; }
+bool is_plain_adamw(const StepSpec& spec) {
+  return spec.call == Call::step && spec.optimizer == GMTK_OPTIMIZER_ADAMW && spec.ratio == 0.0 &&
+         spec.scope == GMTK_SCOPE_PER_TENSOR && spec.mode == GMTK_MASK_GRAD;
+}
+bool is_bf16_with_master(const StepSpec& spec) {
+  return spec.grad_dtype == GMTK_BFLOAT16 && spec.param_dtype == GMTK_BFLOAT16 && spec.master;
+}
+
+std::string copy_target(const StepSpec& spec) {
+  return spec.device == "gpu" && is_llama(spec) && is_plain_adamw(spec) ? ">= 0.90" : "";
+}
+
+std::string plain_step_target(const StepSpec& spec) {
+  if (spec.device != "gpu" || !is_llama(spec) || spec.call != Call::step) return "";
+  if (spec.mode == GMTK_MASK_FREEZE) return spec.ratio == 0.99 ? "<= 0.40" : "";
+  if (spec.scope != GMTK_SCOPE_PER_TENSOR || spec.optimizer != GMTK_OPTIMIZER_ADAMW) return "";
+  if (spec.grad_dtype == GMTK_FLOAT32 && spec.param_dtype == GMTK_FLOAT32 && !spec.master) return "<= 1.20";
+  return is_bf16_with_master(spec) ? "<= 1.12" : "";
+}
+
+std::string scope_target(const StepSpec& spec) {
+  return spec.device == "gpu" && is_llama(spec) && spec.call == Call::step ? "<= 1.05" : "";
+}
+
+std::string distribution_target(const StepSpec& spec) {
+  return spec.device == "gpu" && spec.call == Call::select ? "<= 1.5" : "";
+}
+
+std::string one_read_target(const StepSpec& spec) {
+  if (spec.shapes.total() < 1000000000 || spec.scope != GMTK_SCOPE_PER_TENSOR) return "";
+  return spec.grad_dtype == GMTK_FLOAT32 ? "<= 2.2" : "<= 1.15";
+}
+
+std::string host_time_target(const StepSpec& spec) {
+  if (spec.call != Call::step) return "";
+  const size_t tensors = spec.shapes.numels.size();
+  return tensors == 300 ? "<= 10" : tensors == 20000 ? "<= 100" : "";
+}
 
 // Pairs every registered gmtk run with the runs it is measured against (only
 // pairs that both completed in this run give a ratio).
@@ -75,9 +123,9 @@ std::vector<Ratio> ratios_of(const std::map<std::string, Measurement>& measured)
     return it == measured.end() ? nullptr : &it->second;
   };
   auto add_time_ratio = [&](const std::string& name, const Measurement& m, const std::string& base_name,
-                            const std::string& what) {
+                            const std::string& what, const std::string& target) {
     if (const Measurement* base = find(base_name)) {
-      ratios.push_back({name, what, m.seconds_per_iteration / base->seconds_per_iteration});
+      ratios.push_back({name, what, m.seconds_per_iteration / base->seconds_per_iteration, target});
     }
   };
   // A read of `bytes` at the read roofline: the same-size read when it ran,
@@ -98,16 +146,20 @@ std::vector<Ratio> ratios_of(const std::map<std::string, Measurement>& measured)
     const StepSpec& spec = found->second;
     if (const Measurement* copy = find(copy_benchmark_name(spec.device))) {
       if (copy->bytes_per_second > 0 && m.bytes_per_second > 0) {
-        ratios.push_back({name, "floor bytes/s over copy bytes/s", m.bytes_per_second / copy->bytes_per_second});
+        ratios.push_back(
+            {name, "floor bytes/s over copy bytes/s", m.bytes_per_second / copy->bytes_per_second, copy_target(spec)});
       }
     }
     const std::string plain = spec.plain().name();
-    if (plain != name) add_time_ratio(name, m, plain, "time over plain step (ratio 0)");
-    if (spec.scope == GMTK_SCOPE_GLOBAL) add_time_ratio(name, m, spec.per_tensor().name(), "time over per-tensor scope");
+    if (plain != name) add_time_ratio(name, m, plain, "time over plain step (ratio 0)", plain_step_target(spec));
+    if (spec.scope == GMTK_SCOPE_GLOBAL) {
+      add_time_ratio(name, m, spec.per_tensor().name(), "time over per-tensor scope", scope_target(spec));
+    }
     if (spec.distribution != Distribution::gaussian) {
       StepSpec gaussian = spec;
       gaussian.distribution = Distribution::gaussian;
-      add_time_ratio(name, m, gaussian.name(), "time over gaussian");
+      add_time_ratio(name, m, gaussian.name(), "time over gaussian",
+                     spec.distribution == Distribution::student_t3 ? "" : distribution_target(spec));
     }
     if (spec.call == Call::select && spec.device == "gpu") {
       // Selection time over one read of the same bytes, taken as bandwidths
@@ -115,12 +167,39 @@ std::vector<Ratio> ratios_of(const std::map<std::string, Measurement>& measured)
       // size serves when none of the same size ran.
       const Measurement* read = one_read_of(spec.floor_bytes());
       if (read != nullptr && m.bytes_per_second > 0) {
-        ratios.push_back({name, "time over one read of gradients", read->bytes_per_second / m.bytes_per_second});
+        ratios.push_back({name, "time over one read of gradients", read->bytes_per_second / m.bytes_per_second,
+                          one_read_target(spec)});
       }
       const SortBaselineSpec baseline = SortBaselineSpec::for_selection(spec);
       if (const Measurement* sort = find(baseline.name())) {
         ratios.push_back({name, std::string("speed-up over CUB ") + baseline.method_name(),
                           sort->seconds_per_iteration / m.seconds_per_iteration});
+      }
+    }
+  }
+  // Launches and host time of one call: figures of their own benchmarks'
+  // counters, not ratios, listed with the ratios so the summary has them all.
+  auto counter = [](const Measurement& m, const char* key) -> const double* {
+    const auto it = m.counters.find(key);
+    return it == m.counters.end() ? nullptr : &it->second;
+  };
+  for (const auto& [name, m] : measured) {
+    if (registered_launch_counts().count(name) != 0) {
+      const double* kernels = counter(m, "kernel_nodes");
+      const double* memsets = counter(m, "memset_nodes");
+      const double* others = counter(m, "other_nodes");
+      const double* relaxed = counter(m, "relaxed_capture");
+      if (kernels == nullptr || memsets == nullptr || others == nullptr) continue;
+      const std::string mode = relaxed != nullptr && *relaxed != 0 ? " (relaxed capture)" : "";
+      const std::string constant = "same at any tensor count";
+      ratios.push_back({name, "launches per call: kernel nodes" + mode, *kernels, constant});
+      ratios.push_back({name, "launches per call: memset nodes" + mode, *memsets, constant});
+      ratios.push_back({name, "launches per call: other nodes" + mode, *others, ""});
+    }
+    const auto host_time = registered_host_times().find(name);
+    if (host_time != registered_host_times().end()) {
+      if (const double* median = counter(m, "host_us_median")) {
+        ratios.push_back({name, "host us per call (median)", *median, host_time_target(host_time->second)});
       }
     }
   }
@@ -130,7 +209,10 @@ std::vector<Ratio> ratios_of(const std::map<std::string, Measurement>& measured)
 void print_ratios(const std::vector<Ratio>& ratios) {
   std::printf("\nRatios measured in this run (PERFORMANCE.md):\n");
   if (ratios.empty()) std::printf("  (none: no benchmark pair completed)\n");
-  for (const Ratio& r : ratios) std::printf("  %-36s %7.3f  %s\n", r.what.c_str(), r.value, r.benchmark.c_str());
+  for (const Ratio& r : ratios) {
+    const std::string target = r.target.empty() ? "" : "(target " + r.target + ")";
+    std::printf("  %-44s %8.3f  %-34s %s\n", r.what.c_str(), r.value, target.c_str(), r.benchmark.c_str());
+  }
 }
 
 bool write_ratios_json(const std::string& path, const std::vector<Ratio>& ratios,
@@ -145,7 +227,8 @@ bool write_ratios_json(const std::string& path, const std::vector<Ratio>& ratios
   out << "  ],\n  \"ratios\": [\n";
   for (size_t r = 0; r < ratios.size(); ++r) {
     out << "    {\"benchmark\": \"" << ratios[r].benchmark << "\", \"ratio\": \"" << ratios[r].what
-        << "\", \"value\": " << ratios[r].value << "}" << (r + 1 < ratios.size() ? "," : "") << "\n";
+        << "\", \"value\": " << ratios[r].value << ", \"target\": \"" << ratios[r].target << "\"}"
+        << (r + 1 < ratios.size() ? "," : "") << "\n";
   }
   out << "  ]\n}\n";
   return static_cast<bool>(out);

@@ -5,6 +5,8 @@
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -138,21 +140,40 @@ bool backend_supports(gmtkHandle_t handle, const StepSpec& spec, std::string* re
   return supported;
 }
 
-void gpu_call(benchmark::State& state, const StepSpec& spec) {
-  auto skip = [&](const std::string& reason) { state.SkipWithError(reason.c_str()); };
-  gmtkHandleConfig_t handle_config = GMTK_HANDLE_CONFIG_INIT;
-  gmtkHandle_t created_handle = nullptr;
-  if (gmtkHandleCreate(&created_handle, &handle_config) != GMTK_SUCCESS) return skip(gmtkGetLastErrorMessage());
-  const OwnedHandle handle(created_handle);
-  std::string failure;
-  if (!backend_supports(handle.get(), spec, &failure)) return skip(failure);
-
+// Everything one GPU run of a spec calls gmtk with: its buffers (freed last),
+// handle, plan, workspace and arguments.
+struct PreparedRun {
   DeviceMemory memory;
   Gradients gradients;
-  if (!make_gradients(memory, spec.shapes, spec.grad_dtype, spec.distribution, &gradients, &failure)) {
-    return skip(failure);
+  std::vector<gmtkTensor_t> tensors;
+  OwnedHandle handle;
+  OwnedPlan plan;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+  // gmtkMaskGradients zeroes the masked entries in place: a pristine copy of
+  // the gradients to restore before each sample (mask runs only).
+  void* pristine = nullptr;
+};
+
+// Fills `run` for `spec` (a handle on device 0, every tensor's buffers, the
+// plan, a caller workspace, thresholds and found_inf as outputs). Returns an
+// empty string, or why the run cannot be made (the backend refuses the
+// configuration, the memory does not fit, ...).
+std::string prepare_run(const StepSpec& spec, PreparedRun* run) {
+  gmtkHandleConfig_t handle_config = GMTK_HANDLE_CONFIG_INIT;
+  gmtkHandle_t created_handle = nullptr;
+  if (gmtkHandleCreate(&created_handle, &handle_config) != GMTK_SUCCESS) return gmtkGetLastErrorMessage();
+  run->handle.reset(created_handle);
+  std::string failure;
+  if (!backend_supports(run->handle.get(), spec, &failure)) return failure;
+
+  DeviceMemory& memory = run->memory;
+  if (!make_gradients(memory, spec.shapes, spec.grad_dtype, spec.distribution, &run->gradients, &failure)) {
+    return failure;
   }
-  std::vector<gmtkTensor_t> tensors(spec.shapes.numels.size());
+  std::vector<gmtkTensor_t>& tensors = run->tensors;
+  tensors.resize(spec.shapes.numels.size());
   for (size_t t = 0; t < tensors.size(); ++t) {
     const int64_t n = spec.shapes.numels[t];
     gmtkTensor_t& d = tensors[t];
@@ -160,7 +181,7 @@ void gpu_call(benchmark::State& state, const StepSpec& spec) {
     d.numel = n;
     d.grad_dtype = spec.grad_dtype;
     d.param_dtype = spec.param_dtype;
-    d.grad = gradients.tensor(t);
+    d.grad = run->gradients.tensor(t);
     if (spec.call != Call::step) continue;
     const int blocks = fill_blocks(n);
     d.param = memory.allocate(n * dtype_bytes(spec.param_dtype));
@@ -175,18 +196,15 @@ void gpu_call(benchmark::State& state, const StepSpec& spec) {
       d.master_param = memory.allocate_array<float>(n);
       launch_fill(GMTK_FLOAT32, d.master_param, [&](auto* out) { fill_params<<<blocks, kFillThreads>>>(out, n, t); });
     }
-    if (!memory.error().empty()) return skip(memory.error());
+    if (!memory.error().empty()) return memory.error();
   }
-  // gmtkMaskGradients zeroes the masked entries in place: every sample starts
-  // from a pristine copy of the gradients, restored outside the timed region.
-  void* pristine = nullptr;
   if (spec.call == Call::mask) {
-    pristine = memory.allocate(gradients.bytes);
-    if (pristine == nullptr) return skip(memory.error());
-    cudaMemcpy(pristine, gradients.data, gradients.bytes, cudaMemcpyDeviceToDevice);
+    run->pristine = memory.allocate(run->gradients.bytes);
+    if (run->pristine == nullptr) return memory.error();
+    cudaMemcpy(run->pristine, run->gradients.data, run->gradients.bytes, cudaMemcpyDeviceToDevice);
   }
   const cudaError_t fill_error = cudaDeviceSynchronize();
-  if (fill_error != cudaSuccess) return skip(cuda_error_text("filling the tensors", fill_error));
+  if (fill_error != cudaSuccess) return cuda_error_text("filling the tensors", fill_error);
 
   const gmtkGroupConfig_t group = spec.group();
   gmtkPlanConfig_t plan_config = GMTK_PLAN_CONFIG_INIT;
@@ -195,33 +213,189 @@ void gpu_call(benchmark::State& state, const StepSpec& spec) {
   plan_config.tensors = tensors.data();
   plan_config.num_tensors = static_cast<int64_t>(tensors.size());
   gmtkPlan_t created_plan = nullptr;
-  if (gmtkPlanCreate(handle.get(), &plan_config, &created_plan) != GMTK_SUCCESS) return skip(gmtkGetLastErrorMessage());
-  const OwnedPlan plan(created_plan);
-  size_t workspace_bytes = 0;
-  if (gmtkPlanGetWorkspaceSize(plan.get(), &workspace_bytes) != GMTK_SUCCESS) return skip(gmtkGetLastErrorMessage());
-  void* workspace = memory.allocate(workspace_bytes);
+  if (gmtkPlanCreate(run->handle.get(), &plan_config, &created_plan) != GMTK_SUCCESS) return gmtkGetLastErrorMessage();
+  run->plan.reset(created_plan);
+  if (gmtkPlanGetWorkspaceSize(run->plan.get(), &run->workspace_bytes) != GMTK_SUCCESS) {
+    return gmtkGetLastErrorMessage();
+  }
+  run->workspace = memory.allocate(run->workspace_bytes);
   auto* outputs = static_cast<float*>(memory.allocate(tensors.size() * sizeof(float) + 256));
-  if (!memory.error().empty()) return skip(memory.error());
-  gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
-  args.thresholds = outputs;
-  args.found_inf = outputs + tensors.size();
+  if (!memory.error().empty()) return memory.error();
+  run->args.thresholds = outputs;
+  run->args.found_inf = outputs + tensors.size();
+  return std::string();
+}
 
+// A stream of the run's own: graph capture needs one other than the legacy
+// default stream, and host timing should not wait on the default stream.
+class OwnedStream {
+ public:
+  OwnedStream() { error_ = cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking); }
+  ~OwnedStream() {
+    if (error_ == cudaSuccess) cudaStreamDestroy(stream_);
+  }
+  OwnedStream(const OwnedStream&) = delete;
+  OwnedStream& operator=(const OwnedStream&) = delete;
+  cudaStream_t get() const { return stream_; }
+  gmtkStream_t gmtk() const { return reinterpret_cast<gmtkStream_t>(stream_); }
+  cudaError_t error() const { return error_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  cudaError_t error_ = cudaSuccess;
+};
+
+// The device time of the call (PERFORMANCE.md's ratios): each sample flushes
+// L2, then times the call alone with CUDA events.
+void gpu_call(benchmark::State& state, const StepSpec& spec) {
+  PreparedRun run;
+  const std::string failure = prepare_run(spec, &run);
+  if (!failure.empty()) return state.SkipWithError(failure.c_str());
   int64_t step = 0;
   time_iterations(
       state,
       [&] {
-        if (pristine != nullptr) {
-          cudaMemcpyAsync(gradients.data, pristine, gradients.bytes, cudaMemcpyDeviceToDevice, nullptr);
+        if (run.pristine != nullptr) {
+          cudaMemcpyAsync(run.gradients.data, run.pristine, run.gradients.bytes, cudaMemcpyDeviceToDevice, nullptr);
         }
       },
       [&] {
-        args.step = ++step;
-        const gmtkStatus_t status = spec.invoke(plan.get(), args, workspace, workspace_bytes, nullptr);
+        run.args.step = ++step;
+        const gmtkStatus_t status = spec.invoke(run.plan.get(), run.args, run.workspace, run.workspace_bytes, nullptr);
         return status == GMTK_SUCCESS ? std::string() : std::string(gmtkGetLastErrorMessage());
       });
   state.SetBytesProcessed(static_cast<int64_t>(spec.floor_bytes() * static_cast<double>(state.iterations())));
   state.counters["entries"] = static_cast<double>(spec.shapes.total());
-  state.counters["tensors"] = static_cast<double>(tensors.size());
+  state.counters["tensors"] = static_cast<double>(run.tensors.size());
+}
+
+// Launches per call: one call captured into a CUDA graph on a non-default
+// stream, its nodes counted by type. The capture runs in the strict global
+// mode (what a framework's graph capture uses); if that fails, in relaxed
+// mode, which the counter "relaxed_capture" says. The graph is then
+// instantiated and replayed once, as a check that it runs; the replay's device
+// time is the iteration time.
+void gpu_launches(benchmark::State& state, const StepSpec& spec) {
+  PreparedRun run;
+  const std::string failure = prepare_run(spec, &run);
+  if (!failure.empty()) return state.SkipWithError(failure.c_str());
+  OwnedStream stream;
+  if (stream.error() != cudaSuccess) return state.SkipWithError(cuda_error_text("cudaStreamCreate", stream.error()).c_str());
+  run.args.step = 1;
+  // One call outside the capture first: module loading and first-touch work
+  // are not part of a step.
+  if (spec.invoke(run.plan.get(), run.args, run.workspace, run.workspace_bytes, stream.gmtk()) != GMTK_SUCCESS) {
+    return state.SkipWithError(gmtkGetLastErrorMessage());
+  }
+  if (const cudaError_t error = cudaStreamSynchronize(stream.get()); error != cudaSuccess) {
+    return state.SkipWithError(cuda_error_text("the call before the capture", error).c_str());
+  }
+
+  cudaGraph_t graph = nullptr;
+  std::string capture_failure;
+  bool relaxed = false;
+  for (const cudaStreamCaptureMode mode : {cudaStreamCaptureModeGlobal, cudaStreamCaptureModeRelaxed}) {
+    relaxed = mode == cudaStreamCaptureModeRelaxed;
+    cudaError_t error = cudaStreamBeginCapture(stream.get(), mode);
+    if (error != cudaSuccess) {
+      capture_failure = cuda_error_text("cudaStreamBeginCapture", error);
+      cudaGetLastError();
+      continue;
+    }
+    const gmtkStatus_t status = spec.invoke(run.plan.get(), run.args, run.workspace, run.workspace_bytes, stream.gmtk());
+    const std::string message = status == GMTK_SUCCESS ? "" : gmtkGetLastErrorMessage();
+    error = cudaStreamEndCapture(stream.get(), &graph);  // always ends the capture
+    if (status == GMTK_SUCCESS && error == cudaSuccess) break;
+    capture_failure = std::string(relaxed ? "relaxed" : "global") + "-mode capture: " +
+                      (status != GMTK_SUCCESS ? message : cuda_error_text("cudaStreamEndCapture", error));
+    cudaGetLastError();
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    graph = nullptr;
+  }
+  if (graph == nullptr) return state.SkipWithError(capture_failure.c_str());
+
+  size_t count = 0;
+  cudaGraphGetNodes(graph, nullptr, &count);
+  std::vector<cudaGraphNode_t> nodes(count);
+  cudaGraphGetNodes(graph, nodes.data(), &count);
+  double kernels = 0, memsets = 0, others = 0;
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type = cudaGraphNodeTypeEmpty;
+    cudaGraphNodeGetType(node, &type);
+    (type == cudaGraphNodeTypeKernel ? kernels : type == cudaGraphNodeTypeMemset ? memsets : others) += 1;
+  }
+  cudaGraphExec_t exec = nullptr;
+  cudaError_t error = cudaGraphInstantiate(&exec, graph, 0);
+  if (error != cudaSuccess) {
+    cudaGraphDestroy(graph);
+    return state.SkipWithError(cuda_error_text("cudaGraphInstantiate", error).c_str());
+  }
+  SampleTimer timer;
+  if (!timer.error().empty()) {
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    return state.SkipWithError(timer.error().c_str());
+  }
+  for (auto _ : state) {
+    const double seconds = timer.time(stream.get(), [&] { cudaGraphLaunch(exec, stream.get()); });
+    error = cudaGetLastError();
+    if (error != cudaSuccess) {
+      state.SkipWithError(cuda_error_text("replaying the captured graph", error).c_str());
+      break;
+    }
+    state.SetIterationTime(seconds);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  state.counters["kernel_nodes"] = kernels;
+  state.counters["memset_nodes"] = memsets;
+  state.counters["other_nodes"] = others;
+  state.counters["relaxed_capture"] = relaxed ? 1 : 0;
+  state.counters["tensors"] = static_cast<double>(run.tensors.size());
+}
+
+constexpr int kHostTimeCalls = 1000;
+constexpr int kCallsBetweenSyncs = 8;
+
+// Host time of one call: the steady clock around the call alone (validation
+// included, no GPU wait) on a non-default stream. Every kCallsBetweenSyncs
+// calls the stream is synchronized outside the timed region, so that a full
+// launch queue never blocks a timed call. The iteration time is the host
+// time; the counter is the median.
+void gpu_host_time(benchmark::State& state, const StepSpec& spec) {
+  PreparedRun run;
+  const std::string failure = prepare_run(spec, &run);
+  if (!failure.empty()) return state.SkipWithError(failure.c_str());
+  OwnedStream stream;
+  if (stream.error() != cudaSuccess) return state.SkipWithError(cuda_error_text("cudaStreamCreate", stream.error()).c_str());
+  int64_t step = 1;
+  run.args.step = step;
+  if (spec.invoke(run.plan.get(), run.args, run.workspace, run.workspace_bytes, stream.gmtk()) != GMTK_SUCCESS) {
+    return state.SkipWithError(gmtkGetLastErrorMessage());
+  }
+  std::vector<double> samples;
+  samples.reserve(kHostTimeCalls);
+  for (auto _ : state) {
+    if (samples.size() % kCallsBetweenSyncs == 0) cudaStreamSynchronize(stream.get());
+    run.args.step = ++step;
+    const auto begin = std::chrono::steady_clock::now();
+    const gmtkStatus_t status = spec.invoke(run.plan.get(), run.args, run.workspace, run.workspace_bytes, stream.gmtk());
+    const auto end = std::chrono::steady_clock::now();
+    if (status != GMTK_SUCCESS) {
+      state.SkipWithError(gmtkGetLastErrorMessage());
+      break;
+    }
+    const double seconds = std::chrono::duration<double>(end - begin).count();
+    samples.push_back(seconds);
+    state.SetIterationTime(seconds);
+  }
+  const cudaError_t error = cudaStreamSynchronize(stream.get());
+  if (error != cudaSuccess) return state.SkipWithError(cuda_error_text("the timed calls", error).c_str());
+  if (samples.empty()) return;
+  std::sort(samples.begin(), samples.end());
+  state.counters["host_us_median"] = 1e6 * samples[samples.size() / 2];
+  state.counters["host_us_p90"] = 1e6 * samples[samples.size() * 9 / 10];
+  state.counters["tensors"] = static_cast<double>(run.tensors.size());
 }
 
 // Registers `spec` once: lists built for different targets may share a run.
@@ -230,6 +404,24 @@ void register_spec(const StepSpec& spec) {
   benchmark::RegisterBenchmark(spec.name().c_str(), [spec](benchmark::State& state) { gpu_call(state, spec); })
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond);
+}
+
+// The launches and the host time of one call of `spec`.
+void register_host_figures(const StepSpec& spec) {
+  const std::string launches = launches_benchmark_name(spec);
+  if (registered_launch_counts().emplace(launches, spec).second) {
+    benchmark::RegisterBenchmark(launches.c_str(), [spec](benchmark::State& state) { gpu_launches(state, spec); })
+        ->Iterations(1)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+  const std::string host_time = host_time_benchmark_name(spec);
+  if (registered_host_times().emplace(host_time, spec).second) {
+    benchmark::RegisterBenchmark(host_time.c_str(), [spec](benchmark::State& state) { gpu_host_time(state, spec); })
+        ->Iterations(kHostTimeCalls)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  }
 }
 
 // Selection and masking alone, on the shapes of PERFORMANCE.md: selection
@@ -313,6 +505,17 @@ bool register_gpu_benchmarks(int llama_layers, std::string* reason) {
     small.shapes = many_small(300, 65536);
     small.ratio = ratio;
     register_spec(small);
+  }
+  // Launches per call and host time per call at 300 and 20,000 tensors, for
+  // the GMT step and for selection alone (which runs where the step cannot yet).
+  for (Call call : {Call::step, Call::select}) {
+    for (const ShapeList& shapes : {many_small(300, 65536), many_small(20000, 256)}) {
+      StepSpec spec = base;
+      spec.call = call;
+      spec.shapes = shapes;
+      spec.ratio = 0.9;
+      register_host_figures(spec);
+    }
   }
   for (const StepSpec& spec : selection_specs(base)) {
     register_spec(spec);

@@ -93,10 +93,12 @@ std::vector<StepSpec> standard_specs(const StepSpec& base, const std::vector<dou
   specs.push_back(base);
   specs.back().ratio = 0.9;
   specs.back().scope = GMTK_SCOPE_GLOBAL;
-  specs.push_back(base);
-  specs.back().ratio = 0.99;
-  specs.back().mode = GMTK_MASK_FREEZE;
-  for (double ratio : {0.0, 0.9}) {
+  for (double ratio : {0.9, 0.99}) {
+    specs.push_back(base);
+    specs.back().ratio = ratio;
+    specs.back().mode = GMTK_MASK_FREEZE;
+  }
+  for (double ratio : {0.0, 0.5, 0.9, 0.99}) {
     specs.push_back(base);
     specs.back().grad_dtype = specs.back().param_dtype = GMTK_BFLOAT16;
     specs.back().master = true;
@@ -113,6 +115,28 @@ std::vector<StepSpec> standard_specs(const StepSpec& base, const std::vector<dou
 }
 
 std::map<std::string, StepSpec>& registered_specs() {
+  static std::map<std::string, StepSpec> specs;
+  return specs;
+}
+
+namespace {
+// "gpu/step/..." -> "gpu/<figure>/step/...".
+std::string figure_name(const std::string& figure, const StepSpec& spec) {
+  const std::string name = spec.name();
+  const size_t slash = name.find('/');
+  return name.substr(0, slash + 1) + figure + name.substr(slash);
+}
+}  // namespace
+
+std::string launches_benchmark_name(const StepSpec& spec) { return figure_name("launches", spec); }
+std::string host_time_benchmark_name(const StepSpec& spec) { return figure_name("host_time", spec); }
+
+std::map<std::string, StepSpec>& registered_launch_counts() {
+  static std::map<std::string, StepSpec> specs;
+  return specs;
+}
+
+std::map<std::string, StepSpec>& registered_host_times() {
   static std::map<std::string, StepSpec> specs;
   return specs;
 }

@@ -46,14 +46,25 @@ struct StepSpec {
 };
 
 // The runs both devices measure on `base`: a step at each of `ratios`, global
-// scope at 0.9 and freeze mode at 0.99 (PERFORMANCE.md's targets), bf16
-// gradients and parameters with fp32 master weights at 0 and 0.9, and
-// selection alone at 0.9 for fp32 and bf16 gradients over `select_shapes`.
+// scope at 0.9, freeze mode at 0.9 and 0.99 (PERFORMANCE.md's targets), bf16
+// gradients and parameters with fp32 master weights at 0, 0.5, 0.9 and 0.99,
+// and selection alone at 0.9 for fp32 and bf16 gradients over `select_shapes`.
 std::vector<StepSpec> standard_specs(const StepSpec& base, const std::vector<double>& ratios,
                                      const ShapeList& select_shapes);
 
 // Every registered spec by benchmark name.
 std::map<std::string, StepSpec>& registered_specs();
+
+// Two host-side figures of one call of a spec (PERFORMANCE.md), each with its
+// own benchmark name and registry:
+//   launches   the call captured into a CUDA graph on a non-default stream:
+//              counters "kernel_nodes", "memset_nodes", "other_nodes";
+//   host time  the host time of the call alone (validation included, no GPU
+//              wait): counter "host_us_median".
+std::string launches_benchmark_name(const StepSpec& spec);
+std::string host_time_benchmark_name(const StepSpec& spec);
+std::map<std::string, StepSpec>& registered_launch_counts();
+std::map<std::string, StepSpec>& registered_host_times();
 
 // The copy benchmark whose bandwidth is the roofline of each device.
 std::string copy_benchmark_name(const std::string& device);

@@ -5,7 +5,6 @@
 #include <exception>
 #include <memory>
 #include <new>
-#include <vector>
 
 #include "backend.hpp"
 #include "plan.hpp"
@@ -35,7 +34,7 @@ gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepAr
   GMTK_CHECK(validate_call_arguments(*plan, operation, args, workspace, workspace_bytes, stream, &call));
   if (operation == Operation::step) GMTK_CHECK(check_step_buffers(*plan));
   Backend& backend = *plan->backend;
-  GMTK_CHECK(backend.check_reachable(call.buffers));
+  GMTK_CHECK(backend.check_reachable(call.buffers, call.buffer_count));
   if (plan->owned_workspace != nullptr && workspace == nullptr) {
     call.workspace = plan->owned_workspace;
     call.workspace_bytes = plan->owned_workspace_bytes;
@@ -145,10 +144,8 @@ gmtkStatus_t gmtkPlanCreate(gmtkHandle_t handle, const gmtkPlanConfig_t* config,
     created->backend = handle->backend;
     GMTK_CHECK(gmtk::build_plan(config, created.get()));
     gmtk::Backend& backend = *created->backend;
-    GMTK_CHECK(backend.check_reachable(created->sorted_buffers));
-    std::vector<gmtk::BufferRange> scalars;
-    GMTK_CHECK(gmtk::group_scalar_ranges(created->groups, &scalars));
-    GMTK_CHECK(backend.check_reachable(scalars));
+    GMTK_CHECK(backend.check_reachable(created->sorted_buffers.data(), created->sorted_buffers.size()));
+    GMTK_CHECK(backend.check_reachable(created->sorted_scalars.data(), created->sorted_scalars.size()));
     GMTK_CHECK(backend.prepare_plan(*created));
     if (config->flags & GMTK_PLAN_ALLOCATE_WORKSPACE) {
       size_t bytes = 0;
@@ -186,10 +183,12 @@ gmtkStatus_t gmtkPlanGetWorkspaceSize(gmtkPlan_t plan, size_t* workspace_bytes) 
 gmtkStatus_t gmtkPlanSetGroupHyperparams(gmtkPlan_t plan, int32_t group, const gmtkGroupConfig_t* config) {
   return guarded([&]() -> gmtkStatus_t {
     GMTK_REQUIRE(plan != nullptr, "plan is NULL");
-    std::vector<gmtk::BufferRange> new_buffers;
-    GMTK_CHECK(gmtk::validate_group_change(*plan, group, config, &new_buffers));
-    GMTK_CHECK(plan->backend->check_reachable(new_buffers));
+    gmtk::BufferRange new_buffer{};
+    size_t new_buffer_count = 0;
+    GMTK_CHECK(gmtk::validate_group_change(*plan, group, config, &new_buffer, &new_buffer_count));
+    GMTK_CHECK(plan->backend->check_reachable(&new_buffer, new_buffer_count));
     plan->groups[group] = *config;
+    gmtk::update_group_scalar(plan, group);
     return GMTK_SUCCESS;
   });
 }

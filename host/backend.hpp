@@ -8,7 +8,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <vector>
 
 namespace gmtk {
 
@@ -33,16 +32,21 @@ BufferName name_of(const BufferRange& range);
 
 enum class Operation { select_thresholds, mask_gradients, step };
 
+// A call's own buffers are at most thresholds, kept_counts, found_inf,
+// step_count, workspace and inv_loss_scale.
+constexpr size_t kMaxCallBuffers = 6;
+
 // One validated call: the caller's arguments, the workspace to use (the
 // caller's, or the plan's own), and the call's own buffers (outputs, counter,
-// scale, workspace).
+// scale, workspace) in a fixed array, so that a call allocates nothing.
 struct Call {
   Operation operation;
   gmtkStepArgs_t args;
   void* workspace;
   size_t workspace_bytes;
   gmtkStream_t stream;
-  std::vector<BufferRange> buffers;
+  BufferRange buffers[kMaxCallBuffers];
+  size_t buffer_count;
 };
 
 // What a backend keeps for a plan beyond the validated configs (the CUDA
@@ -58,9 +62,10 @@ class Backend {
   virtual gmtkBackend_t kind() const = 0;
   // Builds the backend's state of a validated plan (once, at gmtkPlanCreate).
   virtual gmtkStatus_t prepare_plan(Plan& plan) = 0;
-  // Checks that every range is memory this backend can reach. Called wherever
-  // a pointer enters: plan creation, schedule changes, each call.
-  virtual gmtkStatus_t check_reachable(const std::vector<BufferRange>& ranges) = 0;
+  // Checks that each of the `count` ranges is memory this backend can reach.
+  // Called wherever a pointer enters: plan creation, schedule changes, each
+  // call (where it must not allocate).
+  virtual gmtkStatus_t check_reachable(const BufferRange* ranges, size_t count) = 0;
   virtual gmtkStatus_t workspace_size(const Plan& plan, size_t* bytes) = 0;
   virtual gmtkStatus_t allocate_workspace(size_t bytes, void** workspace) = 0;
   virtual void free_workspace(void* workspace) = 0;

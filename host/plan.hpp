@@ -18,6 +18,10 @@ struct Plan {
   // Every non-empty tensor buffer, sorted by address (they are disjoint), so a
   // call's own buffers can be checked against them by binary search.
   std::vector<BufferRange> sorted_buffers;
+  // The groups' lr_device scalars, sorted by address (group_scalar_ranges),
+  // kept up to date by gmtkPlanSetGroupHyperparams, so that a call checks its
+  // outputs against them without building the list.
+  std::vector<BufferRange> sorted_scalars;
   void* owned_workspace = nullptr;  // with GMTK_PLAN_ALLOCATE_WORKSPACE
   size_t owned_workspace_bytes = 0;
   std::unique_ptr<BackendPlanState> backend_state;  // Backend::prepare_plan's

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <limits>
+#include <vector>
 
 #include "status.hpp"
 
@@ -36,10 +38,34 @@ bool is_aligned(const void* pointer, size_t alignment) {
 
 using Owner = BufferRange::Owner;
 
+// Up to N ranges in place: appending never allocates. A call's own buffers
+// are kept in one, so that validating a call allocates nothing.
+template <size_t N>
+struct FixedRanges {
+  BufferRange items[N];
+  size_t count = 0;
+
+  bool full() const { return count == N; }
+  void push_back(const BufferRange& range) { items[count++] = range; }
+  const BufferRange& back() const { return items[count - 1]; }
+  BufferRange* begin() { return items; }
+  BufferRange* end() { return items + count; }
+  const BufferRange* begin() const { return items; }
+  const BufferRange* end() const { return items + count; }
+};
+
+template <size_t N>
+bool is_full(const FixedRanges<N>& ranges) {
+  return ranges.full();
+}
+// A vector grows: only its reserved capacity decides whether appending allocates.
+bool is_full(const std::vector<BufferRange>&) { return false; }
+
 // Checks pointer and alignment of one buffer and appends its range. A buffer of
 // zero bytes may be anything, NULL included, and is not recorded.
+template <typename Ranges>
 gmtkStatus_t add_buffer(const void* pointer, uint64_t bytes, size_t alignment, Owner owner, int64_t index,
-                        const char* field, std::vector<BufferRange>* ranges) {
+                        const char* field, Ranges* ranges) {
   if (bytes == 0) return GMTK_SUCCESS;
   BufferRange range{reinterpret_cast<uintptr_t>(pointer), 0, owner, index, field};
   GMTK_REQUIRE(pointer != nullptr, "%s is NULL", name_of(range).text);
@@ -49,38 +75,42 @@ gmtkStatus_t add_buffer(const void* pointer, uint64_t bytes, size_t alignment, O
                "%s (%p) plus its %" PRIu64 " bytes wraps around the address space", name_of(range).text, pointer,
                bytes);
   range.end = range.begin + bytes;
+  if (is_full(*ranges)) return fail(GMTK_ERROR_INTERNAL, "no room to record %s", name_of(range).text);
   ranges->push_back(range);
   return GMTK_SUCCESS;
 }
 
-// The range of `sorted` (sorted by begin, pairwise disjoint) that overlaps
-// [begin, end), or nullptr.
-const BufferRange* find_overlap(const std::vector<BufferRange>& sorted, const BufferRange& range) {
-  auto after = std::lower_bound(sorted.begin(), sorted.end(), range.end,
-                                [](const BufferRange& r, uintptr_t end) { return r.begin < end; });
-  if (after == sorted.begin()) return nullptr;
+// The range of [first, last) (sorted by begin, pairwise disjoint) that
+// overlaps `range`, or nullptr.
+const BufferRange* find_overlap(const BufferRange* first, const BufferRange* last, const BufferRange& range) {
+  const BufferRange* after = std::lower_bound(first, last, range.end,
+                                              [](const BufferRange& r, uintptr_t end) { return r.begin < end; });
+  if (after == first) return nullptr;
   const BufferRange& candidate = *(after - 1);  // the last one starting before range.end
   return candidate.end > range.begin ? &candidate : nullptr;
 }
 
-// Sorts `ranges` by address and fails if any two overlap.
-gmtkStatus_t sort_and_check_disjoint(std::vector<BufferRange>* ranges) {
-  std::sort(ranges->begin(), ranges->end(),
-            [](const BufferRange& a, const BufferRange& b) { return a.begin < b.begin; });
-  for (size_t i = 1; i < ranges->size(); ++i) {
-    const BufferRange& previous = (*ranges)[i - 1];
-    const BufferRange& current = (*ranges)[i];
+// Sorts [first, last) by address and fails if any two overlap.
+gmtkStatus_t sort_and_check_disjoint(BufferRange* first, BufferRange* last) {
+  std::sort(first, last, [](const BufferRange& a, const BufferRange& b) { return a.begin < b.begin; });
+  for (ptrdiff_t i = 1; i < last - first; ++i) {
+    const BufferRange& previous = first[i - 1];
+    const BufferRange& current = first[i];
     GMTK_REQUIRE(current.begin >= previous.end, "%s overlaps %s; buffers must not overlap",
                  name_of(current).text, name_of(previous).text);
   }
   return GMTK_SUCCESS;
 }
 
-gmtkStatus_t check_against(const std::vector<BufferRange>& sorted, const BufferRange& range) {
-  const BufferRange* other = find_overlap(sorted, range);
+gmtkStatus_t check_against(const BufferRange* first, const BufferRange* last, const BufferRange& range) {
+  const BufferRange* other = find_overlap(first, last, range);
   GMTK_REQUIRE(other == nullptr, "%s overlaps %s; buffers must not overlap", name_of(range).text,
                other ? name_of(*other).text : "");
   return GMTK_SUCCESS;
+}
+
+gmtkStatus_t check_against(const std::vector<BufferRange>& sorted, const BufferRange& range) {
+  return check_against(sorted.data(), sorted.data() + sorted.size(), range);
 }
 
 gmtkStatus_t validate_tensor(const gmtkTensor_t& tensor, int64_t index, int32_t num_groups,
@@ -145,18 +175,48 @@ gmtkStatus_t validate_handle_config(const gmtkHandleConfig_t* config) {
   return GMTK_SUCCESS;
 }
 
+namespace {
+
+// Sorts group scalars by address, and identical addresses (a scalar shared
+// between groups) by group: a total order, so that the list does not depend
+// on the order it was built in. std::sort works in place (std::stable_sort
+// may allocate).
+void sort_scalars(std::vector<BufferRange>* ranges) {
+  std::sort(ranges->begin(), ranges->end(), [](const BufferRange& a, const BufferRange& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.index < b.index;
+  });
+}
+
+}  // namespace
+
 // Group scalars (lr_device) are read-only and may be shared between groups, but
 // must not alias a buffer that a call writes. Aligned 4-byte scalars are either
 // identical or disjoint, so the sorted list still works with find_overlap.
 gmtkStatus_t group_scalar_ranges(const std::vector<gmtkGroupConfig_t>& groups, std::vector<BufferRange>* ranges) {
+  ranges->clear();
+  ranges->reserve(groups.size());  // room for every group's scalar: see update_group_scalar
   for (size_t g = 0; g < groups.size(); ++g) {
     if (groups[g].lr_device == nullptr) continue;
     GMTK_CHECK(add_buffer(groups[g].lr_device, sizeof(float), alignof(float), Owner::group, static_cast<int64_t>(g),
                           "lr_device", ranges));
   }
-  std::sort(ranges->begin(), ranges->end(),
-            [](const BufferRange& a, const BufferRange& b) { return a.begin < b.begin; });
+  sort_scalars(ranges);
   return GMTK_SUCCESS;
+}
+
+void update_group_scalar(Plan* plan, int32_t index) {
+  std::vector<BufferRange>& scalars = plan->sorted_scalars;
+  scalars.erase(std::remove_if(scalars.begin(), scalars.end(),
+                               [&](const BufferRange& range) { return range.index == index; }),
+                scalars.end());
+  const float* lr_device = plan->groups[index].lr_device;
+  if (lr_device != nullptr) {
+    // Checked by validate_group_change; capacity for every group was reserved
+    // by group_scalar_ranges, so this appends in place.
+    const auto begin = reinterpret_cast<uintptr_t>(lr_device);
+    scalars.push_back(BufferRange{begin, begin + sizeof(float), Owner::group, index, "lr_device"});
+  }
+  sort_scalars(&scalars);
 }
 
 gmtkStatus_t validate_group_config(const gmtkGroupConfig_t& group, const char* name) {
@@ -231,7 +291,7 @@ gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
     tensors[t] = *reinterpret_cast<const gmtkTensor_t*>(tensor_bytes + t * config->tensor_struct_size);
     GMTK_CHECK(validate_tensor(tensors[t], t, config->num_groups, &ranges));
   }
-  GMTK_CHECK(sort_and_check_disjoint(&ranges));
+  GMTK_CHECK(sort_and_check_disjoint(ranges.data(), ranges.data() + ranges.size()));
 
   std::vector<BufferRange> scalars;
   GMTK_CHECK(group_scalar_ranges(groups, &scalars));
@@ -259,11 +319,13 @@ gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
   plan->tensors = std::move(tensors);
   plan->tensors_of_group = std::move(tensors_of_group);
   plan->sorted_buffers = std::move(ranges);
+  plan->sorted_scalars = std::move(scalars);
   return GMTK_SUCCESS;
 }
 
 gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGroupConfig_t* config,
-                                   std::vector<BufferRange>* new_buffers) {
+                                   BufferRange* new_buffer, size_t* new_buffer_count) {
+  *new_buffer_count = 0;
   const int32_t num_groups = static_cast<int32_t>(plan.groups.size());
   GMTK_REQUIRE(index >= 0 && index < num_groups, "group is %d; the plan has %d groups", index, num_groups);
   GMTK_REQUIRE(config != nullptr, "config is NULL");
@@ -279,9 +341,12 @@ gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGr
   GMTK_REQUIRE(config->mask_mode == current.mask_mode,
                "config->mask_mode differs from group %d's; the mask mode cannot change without a new plan", index);
   if (config->lr_device != nullptr) {
+    FixedRanges<1> lr_device;
     GMTK_CHECK(add_buffer(config->lr_device, sizeof(float), alignof(float), Owner::call, 0, "config->lr_device",
-                          new_buffers));
-    GMTK_CHECK(check_against(plan.sorted_buffers, new_buffers->back()));
+                          &lr_device));
+    GMTK_CHECK(check_against(plan.sorted_buffers, lr_device.back()));
+    *new_buffer = lr_device.back();
+    *new_buffer_count = 1;
   }
   return GMTK_SUCCESS;
 }
@@ -300,42 +365,42 @@ gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, cons
                workspace_bytes);
 
   // Buffers this call writes: pairwise disjoint, and disjoint from every
-  // tensor buffer and group scalar.
+  // tensor buffer and group scalar. Then the scale it reads. All in place:
+  // validating a call allocates nothing.
   const uint64_t num_tensors = plan.tensors.size();
-  std::vector<BufferRange> written;
+  FixedRanges<kMaxCallBuffers> buffers;
   if (args->thresholds != nullptr) {
     GMTK_CHECK(add_buffer(args->thresholds, num_tensors * sizeof(float), alignof(float), Owner::call, 0,
-                          "args->thresholds", &written));
+                          "args->thresholds", &buffers));
   }
   if (args->kept_counts != nullptr) {
     GMTK_CHECK(add_buffer(args->kept_counts, num_tensors * sizeof(int64_t), alignof(int64_t), Owner::call, 0,
-                          "args->kept_counts", &written));
+                          "args->kept_counts", &buffers));
   }
   if (args->found_inf != nullptr) {
-    GMTK_CHECK(add_buffer(args->found_inf, sizeof(float), alignof(float), Owner::call, 0, "args->found_inf", &written));
+    GMTK_CHECK(add_buffer(args->found_inf, sizeof(float), alignof(float), Owner::call, 0, "args->found_inf", &buffers));
   }
   if (is_step && args->step_count != nullptr) {
-    GMTK_CHECK(add_buffer(args->step_count, sizeof(int64_t), alignof(int64_t), Owner::call, 0, "args->step_count", &written));
+    GMTK_CHECK(add_buffer(args->step_count, sizeof(int64_t), alignof(int64_t), Owner::call, 0, "args->step_count", &buffers));
   }
   if (workspace != nullptr) {
-    GMTK_CHECK(add_buffer(workspace, workspace_bytes, 1, Owner::call, 0, "workspace", &written));
+    GMTK_CHECK(add_buffer(workspace, workspace_bytes, 1, Owner::call, 0, "workspace", &buffers));
   }
-  GMTK_CHECK(sort_and_check_disjoint(&written));
-  std::vector<BufferRange> scalars;
-  GMTK_CHECK(group_scalar_ranges(plan.groups, &scalars));
-  for (const BufferRange& range : written) {
+  BufferRange* const written_end = buffers.end();
+  GMTK_CHECK(sort_and_check_disjoint(buffers.begin(), written_end));
+  for (const BufferRange& range : buffers) {
     GMTK_CHECK(check_against(plan.sorted_buffers, range));
-    GMTK_CHECK(check_against(scalars, range));  // scalars may repeat; find_overlap needs only sorted begins
+    GMTK_CHECK(check_against(plan.sorted_scalars, range));  // scalars may repeat; find_overlap needs only sorted begins
   }
-  std::vector<BufferRange> buffers = written;
   if (args->inv_loss_scale != nullptr) {
     GMTK_CHECK(add_buffer(args->inv_loss_scale, sizeof(float), alignof(float), Owner::call, 0, "args->inv_loss_scale",
                           &buffers));
     GMTK_CHECK(check_against(plan.sorted_buffers, buffers.back()));
-    GMTK_CHECK(check_against(written, buffers.back()));
+    GMTK_CHECK(check_against(buffers.begin(), written_end, buffers.back()));
   }
 
-  call->buffers = std::move(buffers);
+  std::copy(buffers.begin(), buffers.end(), call->buffers);
+  call->buffer_count = buffers.count;
   call->operation = operation;
   call->args = *args;
   call->workspace = workspace;

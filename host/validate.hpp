@@ -16,17 +16,23 @@ gmtkStatus_t validate_group_config(const gmtkGroupConfig_t& group, const char* n
 // fills `plan` (groups, tensors, indexes, sorted buffers).
 gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan);
 
-// The groups' lr_device scalars, sorted by address (identical or disjoint).
+// The groups' lr_device scalars, sorted by address (identical or disjoint),
+// with capacity reserved for one per group (Plan::sorted_scalars).
 gmtkStatus_t group_scalar_ranges(const std::vector<gmtkGroupConfig_t>& groups, std::vector<BufferRange>* ranges);
 
 // Checks a schedule change of group `index`: only schedule fields may change.
-// Appends the buffer the change brings in (its lr_device), for the backend's
-// reachability check.
+// Gives the buffer the change brings in (its lr_device; *new_buffer_count is
+// 0 or 1), for the backend's reachability check.
 gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGroupConfig_t* config,
-                                   std::vector<BufferRange>* new_buffers);
+                                   BufferRange* new_buffer, size_t* new_buffer_count);
+
+// After plan->groups[index] has changed: puts its lr_device in
+// plan->sorted_scalars, in place (no allocation, no failure).
+void update_group_scalar(Plan* plan, int32_t index);
 
 // Checks a call's arguments against the plan, except the workspace size,
-// which the backend decides; fills `call`, its buffers included.
+// which the backend decides; fills `call`, its buffers included. Allocates
+// nothing.
 gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, const gmtkStepArgs_t* args,
                                      void* workspace, size_t workspace_bytes, gmtkStream_t stream, Call* call);
 

@@ -24,6 +24,7 @@ if [ -f ../shared/acceptance/build.sh ]; then
 fi
 # What travels must stay under the device tool's 64 MiB.
 du -sh build-gpu .carry
-for binary in build-gpu/libgmtk.so build-gpu/tests/gmtk_gpu_tests build-gpu/tests/gmtk_cpu_tests build-gpu/bench/gmtk_bench; do
+for binary in build-gpu/libgmtk.so build-gpu/tests/gmtk_gpu_tests build-gpu/tests/gmtk_cpu_tests \
+  build-gpu/tests/gmtk_allocation_tests build-gpu/bench/gmtk_bench; do
   echo "$binary: RUNPATH $(readelf -d "$binary" | awk '/RUNPATH|RPATH/ {print $NF}')"
 done

@@ -43,7 +43,8 @@ if [ -z "$build" ]; then
   run_step configure cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$arch"
   run_step build cmake --build "$build"
 fi
-for binary in "$build"/libgmtk.so "$build"/tests/gmtk_gpu_tests "$build"/tests/gmtk_cpu_tests "$build"/bench/gmtk_bench; do
+for binary in "$build"/libgmtk.so "$build"/tests/gmtk_gpu_tests "$build"/tests/gmtk_cpu_tests \
+  "$build"/tests/gmtk_allocation_tests "$build"/bench/gmtk_bench; do
   echo "==== ldd $binary" >>"$log"
   ldd "$binary" >>"$log" 2>&1
   if ldd "$binary" 2>&1 | grep -q "not found"; then note "MISSING LIBRARIES for $binary (see check.log)"; fi
@@ -51,6 +52,8 @@ done
 
 run_step gpu_tests timeout 180 "$build"/tests/gmtk_gpu_tests --durations yes
 run_step cpu_tests "$build"/tests/gmtk_cpu_tests
+# No host allocation inside gmtkStep / gmtkSelectThresholds / gmtkMaskGradients, CUDA case included.
+run_step no_allocations "$build"/tests/gmtk_allocation_tests
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # KINDS.md: works on Firecracker machines, refuses the device on gVisor ones.
   for tool in memcheck racecheck synccheck; do

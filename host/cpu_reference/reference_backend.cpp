@@ -3,6 +3,7 @@
 // a few radix-select passes per threshold, one pass for the update. Synchronous;
 // the stream argument is ignored.
 #include <cmath>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -55,22 +56,33 @@ bool has_non_finite_gradient(const gmtkTensor_t& tensor, const float* inv_loss_s
   });
 }
 
+// What the reference backend keeps for a plan: the gradient spans of every
+// group's tensors, group after group, built once at plan creation so that a
+// call allocates nothing. Group g's spans are spans[first[g]] to
+// spans[first[g + 1]], in the order of plan.tensors_of_group[g].
+struct ReferencePlanState final : BackendPlanState {
+  std::vector<GradientSpan> spans;
+  std::vector<size_t> first;
+};
+
+const ReferencePlanState& state_of(const Plan& plan) {
+  return static_cast<const ReferencePlanState&>(*plan.backend_state);
+}
+
 // One rule per tensor: its own (per-tensor scope) or its group's (global scope).
 void select_rules(const Plan& plan, uint64_t* histogram, KeepRule* rules) {
+  const ReferencePlanState& state = state_of(plan);
   for (size_t g = 0; g < plan.groups.size(); ++g) {
     const std::vector<int64_t>& members = plan.tensors_of_group[g];
     const double mask_ratio = plan.groups[g].mask_ratio;
+    const GradientSpan* spans = state.spans.data() + state.first[g];
     if (plan.groups[g].scope == GMTK_SCOPE_GLOBAL) {
       if (members.empty()) continue;
-      std::vector<GradientSpan> spans;
-      spans.reserve(members.size());
-      for (int64_t t : members) spans.push_back(span_of(plan.tensors[t]));
-      const KeepRule rule = select_keep_rule(spans.data(), spans.size(), mask_ratio, histogram);
+      const KeepRule rule = select_keep_rule(spans, members.size(), mask_ratio, histogram);
       for (int64_t t : members) rules[t] = rule;
     } else {
-      for (int64_t t : members) {
-        const GradientSpan span = span_of(plan.tensors[t]);
-        rules[t] = select_keep_rule(&span, 1, mask_ratio, histogram);
+      for (size_t m = 0; m < members.size(); ++m) {
+        rules[members[m]] = select_keep_rule(&spans[m], 1, mask_ratio, histogram);
       }
     }
   }
@@ -142,9 +154,20 @@ class ReferenceBackend final : public Backend {
 
   // Host memory cannot be told from a wild pointer without touching it; the
   // contract (docs/api.md) is that the CPU reference backend takes host memory.
-  gmtkStatus_t check_reachable(const std::vector<BufferRange>&) override { return GMTK_SUCCESS; }
+  gmtkStatus_t check_reachable(const BufferRange*, size_t) override { return GMTK_SUCCESS; }
 
-  gmtkStatus_t prepare_plan(Plan&) override { return GMTK_SUCCESS; }
+  gmtkStatus_t prepare_plan(Plan& plan) override {
+    auto state = std::make_unique<ReferencePlanState>();
+    state->spans.reserve(plan.tensors.size());
+    state->first.reserve(plan.groups.size() + 1);
+    for (const std::vector<int64_t>& members : plan.tensors_of_group) {
+      state->first.push_back(state->spans.size());
+      for (int64_t t : members) state->spans.push_back(span_of(plan.tensors[t]));
+    }
+    state->first.push_back(state->spans.size());
+    plan.backend_state = std::move(state);
+    return GMTK_SUCCESS;
+  }
 
   gmtkStatus_t workspace_size(const Plan& plan, size_t* bytes) override {
     *bytes = workspace_offsets(plan).required_bytes;

@@ -139,9 +139,9 @@ class CudaBackend final : public Backend {
   // Both ends of each range must be device (or managed) memory of this
   // handle's device: a buffer that starts in one allocation and runs past it
   // is caught at its last byte.
-  gmtkStatus_t check_reachable(const std::vector<BufferRange>& ranges) override {
-    for (const BufferRange& range : ranges) {
-      for (const uintptr_t address : {range.begin, range.end - 1}) GMTK_CHECK(check_device_address(range, address));
+  gmtkStatus_t check_reachable(const BufferRange* ranges, size_t count) override {
+    for (const BufferRange* range = ranges; range != ranges + count; ++range) {
+      for (const uintptr_t address : {range->begin, range->end - 1}) GMTK_CHECK(check_device_address(*range, address));
     }
     return GMTK_SUCCESS;
   }

@@ -391,6 +391,49 @@ TEST_CASE("gmtkPlanSetGroupHyperparams rejects structural changes and bad values
   CHECK(setup.snapshot() == twin.snapshot());
 }
 
+TEST_CASE("a call's outputs are checked against the lr_device scalars the schedule set last", "[validation]") {
+  Setup setup;
+  Handle handle;
+  float scalars[4] = {1e-3f, 2e-3f, 3e-3f, 4e-3f};
+  setup.groups[0].lr_device = &scalars[0];
+  Plan plan(handle.get(), setup.groups, setup.tensors);
+  gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+  args.step = 1;
+  args.found_inf = &scalars[0];
+  expect_rejected(plan.step(args), GMTK_ERROR_INVALID_ARGUMENT,
+                  "args->found_inf overlaps groups[0].lr_device; buffers must not overlap");
+
+  // Group 0 moves its scalar, group 1 takes the same one: the old address is free.
+  gmtkGroupConfig_t group0 = setup.groups[0];
+  group0.lr_device = &scalars[1];
+  GMTK_REQUIRE_OK(gmtkPlanSetGroupHyperparams(plan.get(), 0, &group0));
+  gmtkGroupConfig_t group1 = setup.groups[1];
+  group1.lr_device = &scalars[1];
+  GMTK_REQUIRE_OK(gmtkPlanSetGroupHyperparams(plan.get(), 1, &group1));
+  GMTK_REQUIRE_OK(plan.select(args));
+  args.found_inf = &scalars[1];
+  expect_rejected(plan.select(args), GMTK_ERROR_INVALID_ARGUMENT, "args->found_inf overlaps groups[");
+  gmtkStepArgs_t scaled = GMTK_STEP_ARGS_INIT;
+  scaled.inv_loss_scale = &scalars[1];  // read-only scalars may be shared
+  scaled.found_inf = &scalars[2];
+  GMTK_REQUIRE_OK(plan.select(scaled));
+
+  // Group 0 drops its scalar: group 1 still holds it.
+  group0.lr_device = nullptr;
+  GMTK_REQUIRE_OK(gmtkPlanSetGroupHyperparams(plan.get(), 0, &group0));
+  expect_rejected(plan.select(args), GMTK_ERROR_INVALID_ARGUMENT,
+                  "args->found_inf overlaps groups[1].lr_device; buffers must not overlap");
+  // A refused change leaves the list as it was.
+  group1.lr_device = &scalars[3];
+  group1.mask_ratio = 2.0;
+  expect_rejected(gmtkPlanSetGroupHyperparams(plan.get(), 1, &group1), GMTK_ERROR_INVALID_ARGUMENT,
+                  "config.mask_ratio");
+  args.found_inf = &scalars[3];
+  GMTK_REQUIRE_OK(plan.select(args));
+  args.found_inf = &scalars[1];
+  expect_rejected(plan.select(args), GMTK_ERROR_INVALID_ARGUMENT, "groups[1].lr_device");
+}
+
 TEST_CASE("query functions reject NULL outputs", "[validation]") {
   Setup setup;
   Handle handle;
