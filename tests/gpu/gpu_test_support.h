@@ -184,7 +184,8 @@ enum class Content {
   heavy_tail,       // Cauchy
   raw_bits,         // uniformly random bit patterns: NaN and inf included
   raw_finite_bits,  // random bit patterns of finite values
-  big_outlier       // gaussian with one entry of magnitude 8 (for a scale that overflows it)
+  big_outlier,      // gaussian with one entry of magnitude 8 (for a scale that overflows it)
+  mostly_zeros      // 90% exact +0 (an embedding's untouched rows), the rest gaussian
 };
 
 inline const char* content_name(Content content) {
@@ -202,6 +203,7 @@ inline const char* content_name(Content content) {
     case Content::raw_bits: return "random raw bits";
     case Content::raw_finite_bits: return "random finite bits";
     case Content::big_outlier: return "gaussian with an outlier of 8";
+    case Content::mostly_zeros: return "90% zeros";
   }
   return "?";
 }
@@ -266,6 +268,12 @@ inline void fill_gradient(unsigned char* data, gmtkDtype_t dtype, int64_t n, Con
       break;
     case Content::quantized_256:
       for (int64_t i = 0; i < n; ++i) put(i, random_sign() * static_cast<float>(rng() % 256) * scale);
+      break;
+    case Content::mostly_zeros:
+      for (int64_t i = 0; i < n; ++i) {
+        const float value = scale * normal(rng);
+        put(i, rng() % 10 == 0 ? value : 0.0f);
+      }
       break;
     case Content::heavy_tail:
       for (int64_t i = 0; i < n; ++i) put(i, scale * cauchy(rng));
