@@ -12,7 +12,7 @@ namespace {
 
 // Launch shapes, in one place.
 struct SelectionPolicy {
-  static constexpr int kHistogramThreads = 1024;  // passes A, B, C: persistent blocks over the chunk table
+  static constexpr int kHistogramThreads = 768;  // histogram passes: persistent blocks over the chunk table, 2 per SM at <= 40 registers
   static constexpr int kScanThreads = 256;        // one block per large set
   static constexpr int kSmallSetThreads = 512;    // one block per small set
   static constexpr int kApplyThreads = 256;
@@ -21,7 +21,7 @@ struct SelectionPolicy {
   // global atomic per flush; one loop round adds at most one 16-byte vector
   // (4 fp32 keys) per thread.
   static constexpr uint32_t kStageKeys = 8192;
-  static constexpr uint32_t kStageFlushAt = kStageKeys - 4 * kHistogramThreads;
+  static constexpr uint32_t kStageFlushAt = kStageKeys - 2 * 4 * kHistogramThreads;
 };
 
 // Up to 8 stored gradients of one item, zero-extended to 32 bits.
@@ -131,13 +131,118 @@ __device__ void flush_stage(const uint32_t* stage, uint32_t* stage_count, unsign
   __syncthreads();
 }
 
+// An item as loaded: one 16-byte vector (or one scalar in .x), entries
+// unpacked only where they are used, so two items in flight cost 8 registers.
+struct PackedItem {
+  uint4 words;
+  uint32_t count;
+};
+
+template <uint32_t kDtype>
+__device__ __forceinline__ PackedItem load_packed(uint64_t base, Range entries) {
+  constexpr uint32_t kBytes = kDtype == kFloat32 ? 4u : 2u;
+  const uint64_t address = base + entries.begin * kBytes;
+  PackedItem item;
+  item.count = static_cast<uint32_t>(entries.end - entries.begin);
+  if (item.count == 1) {
+    item.words = make_uint4(kBytes == 4 ? *reinterpret_cast<const uint32_t*>(address)
+                                        : *reinterpret_cast<const uint16_t*>(address), 0u, 0u, 0u);
+  } else {
+    item.words = *reinterpret_cast<const uint4*>(address);
+  }
+  return item;
+}
+
+// Entry `e` (a constant after unrolling) of a packed item, zero-extended.
+template <uint32_t kDtype>
+__device__ __forceinline__ uint32_t packed_raw(const PackedItem& item, uint32_t e) {
+  const uint32_t word_index = kDtype == kFloat32 ? e : e / 2;
+  const uint32_t word = word_index == 0 ? item.words.x
+                        : word_index == 1 ? item.words.y
+                        : word_index == 2 ? item.words.z
+                                          : item.words.w;
+  if (kDtype == kFloat32) return word;
+  return (e & 1u) ? word >> 16 : word & 0xFFFFu;
+}
+
+// One chunk's gradients in a histogram pass.
+struct GradientChunk {
+  ChunkWork work;
+  uint64_t grad;
+  uint32_t* region;  // the set's candidate keys
+  uint64_t capacity;
+  SetState* state;
+  bool has_scale;
+  float inv_loss_scale;
+};
+
+// Counts a chunk's gradient keys into the shared histogram (keys above a
+// window into `above`), applies found_inf's rule, and appends the counted keys
+// to the candidates when the work gathers. Whole block.
+template <uint32_t kDtype, bool kMayGather>
+__device__ __forceinline__ void count_gradients(const GradientChunk& g, uint32_t* histogram, uint32_t* stage,
+                                                uint32_t* stage_count, unsigned long long* stage_base,
+                                                bool* non_finite, uint32_t* above) {
+  const ChunkWork& work = g.work;
+  const VectorSplit split = split_for_vectors(g.grad, dtype_bytes(kDtype), work.entries.begin, work.entries.end);
+  constexpr uint32_t kPerVector = 16u / (kDtype == kFloat32 ? 4u : 2u);
+  const bool gather = kMayGather && work.gather;
+  // Two items a thread per round, both loads in flight before either is counted.
+  for (uint64_t round = 0; round < split.items(); round += 2 * blockDim.x) {
+    PackedItem items[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const uint64_t i = round + u * blockDim.x + threadIdx.x;
+      items[u].count = 0;
+      if (i < split.items()) items[u] = load_packed<kDtype>(g.grad, item_entries(split, i));
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const PackedItem& item = items[u];
+      BinRun run;
+      uint32_t matched = 0;
+#pragma unroll
+      for (uint32_t e = 0; e < kPerVector; ++e) {
+        if (e >= item.count) break;
+        const EntryVisit visit = visit_entry(work, packed_raw<kDtype>(item, e), kDtype, g.has_scale, g.inv_loss_scale);
+        *non_finite = *non_finite || visit.non_finite;
+        *above += visit.above ? 1u : 0u;
+        if (visit.counted) {
+          run.add(histogram, visit.bin);
+          ++matched;
+        }
+      }
+      run.flush(histogram);
+      if (gather && matched != 0) {
+        // One reservation in the stage per item, then the keys in order.
+        uint32_t slot = atomicAdd(stage_count, matched);
+#pragma unroll
+        for (uint32_t e = 0; e < kPerVector; ++e) {
+          if (e >= item.count) break;
+          const EntryVisit visit = visit_key(work, magnitude_key(packed_raw<kDtype>(item, e), kDtype));
+          if (visit.counted) stage[slot++] = visit.key;
+        }
+      }
+    }
+    if (gather) {
+      // Every append of this round lands before any thread reads the count,
+      // and all threads take the same decision before the next round appends.
+      __syncthreads();
+      if (__syncthreads_or(*stage_count > SelectionPolicy::kStageFlushAt)) {
+        flush_stage(stage, stage_count, stage_base, g.state, g.region, g.capacity);
+      }
+    }
+  }
+  if (gather) flush_stage(stage, stage_count, stage_base, g.state, g.region, g.capacity);
+}
+
 // The histogram passes (selection_passes.hpp): the sample pass, pass A and
 // the level passes. Each persistent block takes a contiguous run of the chunk
 // table; each chunk belongs to one set, whose histogram the block accumulates
 // in shared memory (keys above a window in a register) and flushes when the
 // set changes (so about once per block and per set).
 template <HistogramPass kPass>
-__global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kPass == HistogramPass::level ? 1 : 2)
+__global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, 2)
     histogram_pass(SelectionLaunch p, uint64_t chunk_end) {
   constexpr bool kMayGather = kPass == HistogramPass::level;
   extern __shared__ uint32_t shared[];
@@ -187,50 +292,14 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, kPass == H
     }
 
     const TensorRecord tensor = p.tensors[chunk.tensor];
-    const VectorSplit split = split_for_vectors(tensor.grad, dtype_bytes(set.dtype), work.entries.begin,
-                                                work.entries.end);
-    uint32_t* region = p.candidates + set.candidate_offset;
-    for (uint64_t round = 0; round < split.items(); round += blockDim.x) {
-      const uint64_t i = round + threadIdx.x;
-      if (i < split.items()) {
-        const ItemValues item = load_item(tensor.grad, set.dtype, item_entries(split, i));
-        BinRun run;
-        uint32_t matched = 0;
-#pragma unroll
-        for (uint32_t e = 0; e < 8; ++e) {
-          if (e >= item.count) break;  // constant indexes keep item.raw in registers
-          const EntryVisit visit = visit_entry(work, item.raw[e], set.dtype, has_scale, inv_loss_scale);
-          non_finite = non_finite || visit.non_finite;
-          above += visit.above ? 1u : 0u;
-          if (visit.counted) {
-            run.add(histogram, visit.bin);
-            ++matched;
-          }
-        }
-        run.flush(histogram);
-        if (kMayGather && work.gather && matched != 0) {
-          // One reservation in the stage per item, then the keys in order.
-          uint32_t slot = atomicAdd(&stage_count, matched);
-#pragma unroll
-          for (uint32_t e = 0; e < 8; ++e) {
-            if (e >= item.count) break;
-            const EntryVisit visit = visit_entry(work, item.raw[e], set.dtype, has_scale, inv_loss_scale);
-            if (visit.counted) stage[slot++] = visit.key;
-          }
-        }
-      }
-      if (kMayGather && work.gather) {
-        // Every append of this round lands before any thread reads the
-        // count, and all threads take the same decision before the next
-        // round appends again.
-        __syncthreads();
-        if (__syncthreads_or(stage_count > SelectionPolicy::kStageFlushAt)) {
-          flush_stage(stage, &stage_count, &stage_base, p.states + chunk.set, region, set.candidate_capacity);
-        }
-      }
-    }
-    if (kMayGather && work.gather) {
-      flush_stage(stage, &stage_count, &stage_base, p.states + chunk.set, region, set.candidate_capacity);
+    GradientChunk g{work, tensor.grad, p.candidates + set.candidate_offset, set.candidate_capacity,
+                    p.states + chunk.set, has_scale, inv_loss_scale};
+    // The dtype as a template argument: the per-entry work compiles to a few
+    // integer operations (the loop is instruction-bound otherwise).
+    switch (set.dtype) {
+      case kFloat32: count_gradients<kFloat32, kMayGather>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
+      case kFloat16: count_gradients<kFloat16, kMayGather>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
+      default: count_gradients<kBFloat16, kMayGather>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
     }
   }
   if (pending_set != kNoPendingSet) flush();

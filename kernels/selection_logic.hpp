@@ -13,6 +13,7 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_fp16.h>
 #define GMTK_HD __host__ __device__ __forceinline__
 #else
 #define GMTK_HD inline
@@ -53,6 +54,9 @@ GMTK_HD float bfloat16_bits_to_float(uint32_t bits) { return float_from_bits((bi
 // Exact: every fp16 value is an fp32 value. Subnormals are normalised by
 // shifting, so no library call is involved on either side.
 GMTK_HD float float16_bits_to_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));  // the same exact widening, one instruction
+#endif
   const uint32_t sign = (bits & 0x8000u) << 16;
   const uint32_t exponent = (bits >> 10) & 0x1Fu;
   uint32_t mantissa = bits & 0x3FFu;
@@ -83,14 +87,15 @@ GMTK_HD uint32_t magnitude_key(uint32_t raw, uint32_t dtype) {
 // found_inf's rule: the gradient after unscaling (stored value times the
 // inverse loss scale, one rounded fp32 product) is inf or NaN.
 GMTK_HD bool non_finite_after_unscaling(uint32_t raw, uint32_t dtype, bool has_scale, float inv_loss_scale) {
-  float value = gradient_to_float(raw, dtype);
-  if (has_scale) {
-#if defined(__CUDA_ARCH__)
-    value = __fmul_rn(value, inv_loss_scale);
-#else
-    value = value * inv_loss_scale;
-#endif
+  if (!has_scale) {  // the stored exponent says it: widening to fp32 keeps inf and NaN, and only them
+    if (dtype == kFloat32) return (raw & 0x7F800000u) == 0x7F800000u;
+    return dtype == kFloat16 ? (raw & 0x7C00u) == 0x7C00u : (raw & 0x7F80u) == 0x7F80u;
   }
+#if defined(__CUDA_ARCH__)
+  const float value = __fmul_rn(gradient_to_float(raw, dtype), inv_loss_scale);
+#else
+  const float value = gradient_to_float(raw, dtype) * inv_loss_scale;
+#endif
   return (bits_from_float(value) & 0x7F800000u) == 0x7F800000u;
 }
 
@@ -203,8 +208,8 @@ GMTK_HD LevelRange narrowed_range(LevelRange range, uint32_t bin) {
 GMTK_HD uint32_t levels_to_resolve(uint32_t width_log2) { return (width_log2 + 10u) / 11u; }
 
 // The sample ranks that bound the k-th largest key with high probability:
-// the sample's own k (scaled) -/+ 4 binomial standard deviations, plus
-// 0.4% of the sample for entries that come in correlated runs.
+// the sample's own k (scaled) -/+ 4 binomial standard deviations, plus 1.5%
+// of the smaller side for entries that come in correlated runs.
 struct SampleRanks {
   uint64_t high;  // 1-based rank from the top: the window's upper end
   uint64_t low;
@@ -213,8 +218,9 @@ struct SampleRanks {
 GMTK_HD SampleRanks window_ranks(uint64_t k, uint64_t n, uint64_t m) {
   const double scaled = ceil(static_cast<double>(k) * static_cast<double>(m) / static_cast<double>(n));
   const double rank = scaled < 1.0 ? 1.0 : (scaled > static_cast<double>(m) ? static_cast<double>(m) : scaled);
+  const double smaller_side = rank < static_cast<double>(m) - rank ? rank : static_cast<double>(m) - rank;
   const double spread = 4.0 * sqrt(rank * (static_cast<double>(m) - rank) / static_cast<double>(m)) +
-                        static_cast<double>(m) / 256.0 + 1.0;
+                        smaller_side / 64.0 + 1.0;
   const double high = rank - spread < 1.0 ? 1.0 : rank - spread;
   const double low = rank + spread > static_cast<double>(m) ? static_cast<double>(m) : rank + spread;
   return {static_cast<uint64_t>(high), static_cast<uint64_t>(ceil(low))};

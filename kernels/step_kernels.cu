@@ -80,6 +80,74 @@ __device__ __forceinline__ void store_state(uint64_t base, Range entries, const 
   store_raw(base, 4, entries, raw);
 }
 
+template <uint32_t kDtype>
+struct DtypeConstant {
+  static constexpr uint32_t value = kDtype;
+};
+
+// The items of one work unit, for one gradient x parameter dtype pair (as
+// template arguments: the conversions compile to a few instructions each).
+template <uint32_t kGrad, uint32_t kParam>
+__device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t grad, const StepTensorRecord& buffers,
+                                             const UpdateWork& work, const StepGroup& group,
+                                             const StepScalars& scalars, bool has_scale, float inv_loss_scale) {
+  constexpr uint32_t kGradBytes = kGrad == kFloat32 ? 4u : 2u;
+  constexpr uint32_t kParamBytes = kParam == kFloat32 ? 4u : 2u;
+  for (uint64_t i = threadIdx.x; i < split.items(); i += blockDim.x) {
+    const Range entries = item_entries(split, i);
+    const uint32_t count = static_cast<uint32_t>(entries.end - entries.begin);
+    uint32_t grad_raw[kStepVectorEntries] = {};
+    EntryValues values[kStepVectorEntries] = {};
+    uint32_t param_raw[kStepVectorEntries] = {};
+    const bool has_master = buffers.master != 0;
+    // Loads the item's parameter (or master) and state.
+    const auto load_item_state = [&](bool param_bits) {
+      if (param_bits) load_raw(buffers.param, kParamBytes, entries, param_raw);
+      if (has_master) {
+        load_state<&EntryValues::param>(buffers.master, entries, values);
+      } else {
+#pragma unroll
+        for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
+          values[e].param = gradient_to_float(param_raw[e], kParam);
+        }
+      }
+      if (buffers.exp_avg != 0) load_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
+      if (buffers.exp_avg_sq != 0) load_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
+      if (buffers.max_exp_avg_sq != 0) {
+        load_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
+      }
+    };
+    load_raw(grad, kGradBytes, entries, grad_raw);
+    ItemPlan item;
+    if (work.freeze) {
+      // The state loads wait for the gradient: an item whose entries are all
+      // masked reads and writes nothing else (the sectors freeze skips).
+      item = plan_item(grad_raw, count, kGrad, work);
+      if (!item.touches_state) continue;
+      load_item_state(loads_param_bits(item, has_master));
+    } else {
+      // Every entry is updated: all loads of the item are in flight at once.
+      load_item_state(!has_master);
+      item = plan_item(grad_raw, count, kGrad, work);
+    }
+
+    update_item(item, grad_raw, kGrad, values, group, scalars, has_scale, inv_loss_scale);
+
+#pragma unroll
+    for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
+      param_raw[e] = param_bits_to_store(e < count ? item.fate[e] : EntryFate::skip, param_raw[e],
+                                         values[e].param, kParam);
+    }
+    store_raw(buffers.param, kParamBytes, entries, param_raw);
+    if (has_master) store_state<&EntryValues::param>(buffers.master, entries, values);
+    if (buffers.exp_avg != 0) store_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
+    if (buffers.exp_avg_sq != 0) store_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
+    if (buffers.max_exp_avg_sq != 0) {
+      store_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
+    }
+    }
+}
+
 __global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBlocksPerMultiprocessor)
     fused_update(SelectionLaunch p, StepLaunch s) {
   if (*p.flags != 0u) return;  // a gradient is not finite: the step is a no-op
@@ -105,63 +173,28 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBloc
     const StepGroup& group = s.groups[work.group];
     const TensorRecord tensor = p.tensors[chunk.tensor];
     const StepTensorRecord buffers = s.tensors[chunk.tensor];
-    const uint32_t grad_bytes = dtype_bytes(tensor.dtype);
-    const uint32_t param_bytes = dtype_bytes(buffers.param_dtype);
     const VectorSplit split =
         split_for_step(buffers.vector_phase, chunk.begin + part.begin, chunk.begin + part.end);
 
-    for (uint64_t i = threadIdx.x; i < split.items(); i += blockDim.x) {
-      const Range entries = item_entries(split, i);
-      const uint32_t count = static_cast<uint32_t>(entries.end - entries.begin);
-      uint32_t grad_raw[kStepVectorEntries] = {};
-      EntryValues values[kStepVectorEntries] = {};
-      uint32_t param_raw[kStepVectorEntries] = {};
-      const bool has_master = buffers.master != 0;
-      // Loads the item's parameter (or master) and state.
-      const auto load_item_state = [&](bool param_bits) {
-        if (param_bits) load_raw(buffers.param, param_bytes, entries, param_raw);
-        if (has_master) {
-          load_state<&EntryValues::param>(buffers.master, entries, values);
-        } else {
-#pragma unroll
-          for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
-            values[e].param = gradient_to_float(param_raw[e], buffers.param_dtype);
-          }
-        }
-        if (buffers.exp_avg != 0) load_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
-        if (buffers.exp_avg_sq != 0) load_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
-        if (buffers.max_exp_avg_sq != 0) {
-          load_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
-        }
-      };
-      load_raw(tensor.grad, grad_bytes, entries, grad_raw);
-      ItemPlan item;
-      if (work.freeze) {
-        // The state loads wait for the gradient: an item whose entries are all
-        // masked reads and writes nothing else (the sectors freeze skips).
-        item = plan_item(grad_raw, count, tensor.dtype, work);
-        if (!item.touches_state) continue;
-        load_item_state(loads_param_bits(item, has_master));
-      } else {
-        // Every entry is updated: all loads of the item are in flight at once.
-        load_item_state(!has_master);
-        item = plan_item(grad_raw, count, tensor.dtype, work);
-      }
-
-      update_item(item, grad_raw, tensor.dtype, values, group, scalars, has_scale, inv_loss_scale);
-
-#pragma unroll
-      for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
-        param_raw[e] = param_bits_to_store(e < count ? item.fate[e] : EntryFate::skip, param_raw[e],
-                                           values[e].param, buffers.param_dtype);
-      }
-      store_raw(buffers.param, param_bytes, entries, param_raw);
-      if (has_master) store_state<&EntryValues::param>(buffers.master, entries, values);
-      if (buffers.exp_avg != 0) store_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
-      if (buffers.exp_avg_sq != 0) store_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
-      if (buffers.max_exp_avg_sq != 0) {
-        store_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
-      }
+    // One instantiation per dtype pair.
+    const uint32_t pair = tensor.dtype * 3u + buffers.param_dtype;
+    const auto run = [&](auto grad_dtype, auto param_dtype) {
+      update_items<decltype(grad_dtype)::value, decltype(param_dtype)::value>(
+          split, tensor.grad, buffers, work, group, scalars, has_scale, inv_loss_scale);
+    };
+    using F32 = DtypeConstant<kFloat32>;
+    using F16 = DtypeConstant<kFloat16>;
+    using B16 = DtypeConstant<kBFloat16>;
+    switch (pair) {
+      case 0: run(F32{}, F32{}); break;
+      case 1: run(F32{}, F16{}); break;
+      case 2: run(F32{}, B16{}); break;
+      case 3: run(F16{}, F32{}); break;
+      case 4: run(F16{}, F16{}); break;
+      case 5: run(F16{}, B16{}); break;
+      case 6: run(B16{}, F32{}); break;
+      case 7: run(B16{}, F16{}); break;
+      default: run(B16{}, B16{}); break;
     }
   }
 }
