@@ -226,9 +226,9 @@ GMTK_HD SampleRanks window_ranks(uint64_t k, uint64_t n, uint64_t m) {
   return {static_cast<uint64_t>(high), static_cast<uint64_t>(ceil(low))};
 }
 
-// The window over coarse bins [low_bin, high_bin], widened to a power of two
-// of coarse bins (kept inside the key space): at most two levels in all
-// (22 bits), else no window (the whole key space, 3 levels for fp32).
+// The window over coarse bins [low_bin, high_bin], widened upwards to a power
+// of two of coarse bins: at most two levels in all (22 bits), else no window
+// (the whole key space, 3 levels for fp32).
 struct Window {
   bool used;
   LevelRange range;
@@ -240,9 +240,9 @@ GMTK_HD Window choose_window(uint32_t dtype, uint32_t low_bin, uint32_t high_bin
   while (width < high_bin - low_bin + 1u) width *= 2u;
   const uint32_t width_log2 = coarse + log2_of_power(width);
   if (width_log2 > 22u) return {false, full_range(dtype)};
-  const uint32_t first = low_bin < kLevelBins - width ? low_bin : kLevelBins - width;
+  // Bins past the top of the key space (a window of the highest keys) stay empty.
   const uint32_t shift = width_log2 > 11u ? width_log2 - 11u : 0u;
-  return {true, {first << coarse, shift, 1u << (width_log2 - shift)}};
+  return {true, {low_bin << coarse, shift, 1u << (width_log2 - shift)}};
 }
 
 // ---- The scan: boundary bin and rank -------------------------------------------

@@ -352,6 +352,7 @@ EngineTrace run_case(const StepCase& c, const SelectionTuning& tuning) {
       REQUIRE(status == GMTK_SUCCESS);
     }
     const EngineTrace trace = engine.run(step_args(got, c, step, &inv_loss_scale), EngineCall::step);
+    CHECK(trace.misaligned_vector_items == 0);  // a device vector load there would fault
 
     CHECK(got.found_inf == expected.found_inf);
     CHECK(got.step_count == expected.step_count);

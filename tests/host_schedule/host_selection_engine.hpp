@@ -41,6 +41,7 @@ struct EngineTrace {
   int64_t entries_fed_zero = 0;   // mask-grad: masked entries updated with +0
   int64_t entries_frozen = 0;
   int64_t param_bits_loaded_with_master = 0;  // freeze: items that reload 16-bit params beside a master
+  int64_t misaligned_vector_items = 0;  // a vector item whose load would fault on the device: must stay 0
 };
 
 class HostSelectionEngine {
@@ -338,6 +339,16 @@ class HostSelectionEngine {
         const Range entries = item_entries(split, i);
         const auto count = static_cast<uint32_t>(entries.end - entries.begin);
         ++(count > 1 ? trace_.vector_items : trace_.scalar_items);
+        if (count > 1) {  // the device loads 4 entries of every buffer as one vector: aligned to 4 elements
+          const uint64_t addresses[] = {tensor.grad, buffers.param, buffers.master, buffers.exp_avg,
+                                        buffers.exp_avg_sq, buffers.max_exp_avg_sq};
+          const uint32_t bytes[] = {dtype_bytes(tensor.dtype), dtype_bytes(buffers.param_dtype), 4, 4, 4, 4};
+          for (int b = 0; b < 6; ++b) {
+            if (addresses[b] != 0 && (addresses[b] + entries.begin * bytes[b]) % (4u * bytes[b]) != 0) {
+              ++trace_.misaligned_vector_items;
+            }
+          }
+        }
         uint32_t grad_raw[kStepVectorEntries] = {};
         for (uint32_t e = 0; e < count; ++e) grad_raw[e] = load_raw(tensor.grad, tensor.dtype, entries.begin + e);
         const ItemPlan item = plan_item(grad_raw, count, tensor.dtype, work);
