@@ -13,7 +13,6 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
-#include <cuda_fp16.h>
 #define GMTK_HD __host__ __device__ __forceinline__
 #else
 #define GMTK_HD inline
@@ -53,10 +52,9 @@ GMTK_HD float bfloat16_bits_to_float(uint32_t bits) { return float_from_bits((bi
 
 // Exact: every fp16 value is an fp32 value. Subnormals are normalised by
 // shifting, so no library call is involved on either side.
+// (Not __half2float: it returns a canonical NaN, and thresholds report NaN
+// keys with their payload, as the CPU reference does.)
 GMTK_HD float float16_bits_to_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));  // the same exact widening, one instruction
-#endif
   const uint32_t sign = (bits & 0x8000u) << 16;
   const uint32_t exponent = (bits >> 10) & 0x1Fu;
   uint32_t mantissa = bits & 0x3FFu;
