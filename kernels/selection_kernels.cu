@@ -179,7 +179,7 @@ struct GradientChunk {
 // Counts a chunk's gradient keys into the shared histogram (keys above a
 // window into `above`), applies found_inf's rule, and appends the counted keys
 // to the candidates when the work gathers. Whole block.
-template <uint32_t kDtype, bool kMayGather>
+template <uint32_t kDtype, bool kMayGather, int kItems>
 __device__ __forceinline__ void count_gradients(const GradientChunk& g, uint32_t* histogram, uint32_t* stage,
                                                 uint32_t* stage_count, unsigned long long* stage_base,
                                                 bool* non_finite, uint32_t* above) {
@@ -187,17 +187,17 @@ __device__ __forceinline__ void count_gradients(const GradientChunk& g, uint32_t
   const VectorSplit split = split_for_vectors(g.grad, dtype_bytes(kDtype), work.entries.begin, work.entries.end);
   constexpr uint32_t kPerVector = 16u / (kDtype == kFloat32 ? 4u : 2u);
   const bool gather = kMayGather && work.gather;
-  // Two items a thread per round, both loads in flight before either is counted.
-  for (uint64_t round = 0; round < split.items(); round += 2 * blockDim.x) {
-    PackedItem items[2];
+  // kItems items a thread per round, all loads in flight before any is counted.
+  for (uint64_t round = 0; round < split.items(); round += kItems * blockDim.x) {
+    PackedItem items[kItems];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
+    for (int u = 0; u < kItems; ++u) {
       const uint64_t i = round + u * blockDim.x + threadIdx.x;
       items[u].count = 0;
       if (i < split.items()) items[u] = load_packed<kDtype>(g.grad, item_entries(split, i));
     }
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
+    for (int u = 0; u < kItems; ++u) {
       const PackedItem& item = items[u];
       BinRun run;
       uint32_t matched = 0;
@@ -295,11 +295,14 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, 2)
     GradientChunk g{work, tensor.grad, p.candidates + set.candidate_offset, set.candidate_capacity,
                     p.states + chunk.set, has_scale, inv_loss_scale};
     // The dtype as a template argument: the per-entry work compiles to a few
-    // integer operations (the loop is instruction-bound otherwise).
+    // integer operations (the loop is instruction-bound otherwise). Pass A,
+    // the one full read of every pass, keeps 4 items a thread in flight; the
+    // others 2 (the stage must hold a gathering round's appends).
+    constexpr int kItems = kPass == HistogramPass::level_0 ? 4 : 2;
     switch (set.dtype) {
-      case kFloat32: count_gradients<kFloat32, kMayGather>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
-      case kFloat16: count_gradients<kFloat16, kMayGather>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
-      default: count_gradients<kBFloat16, kMayGather>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
+      case kFloat32: count_gradients<kFloat32, kMayGather, kItems>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
+      case kFloat16: count_gradients<kFloat16, kMayGather, kItems>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
+      default: count_gradients<kBFloat16, kMayGather, kItems>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
     }
   }
   if (pending_set != kNoPendingSet) flush();

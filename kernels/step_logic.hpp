@@ -59,6 +59,13 @@ GMTK_HD float sqrt_rn(float a) {
   return std::sqrt(a);
 #endif
 }
+// The same roundings with zero operands answered without the division or the
+// root: the device's IEEE sequences take a slow path for them, and masked
+// entries of a fresh optimizer (m = v = 0) would all take it. Bit-exact:
+// 0 / b = 0 with the numerator's sign for b > 0 (inf included), sqrt(+-0) = +-0.
+GMTK_HD float div_rn_zero_fast(float a, float b) { return a == 0.0f && b > 0.0f ? a : div_rn(a, b); }
+GMTK_HD float sqrt_rn_zero_fast(float a) { return a == 0.0f ? a : sqrt_rn(a); }
+
 GMTK_HD double pow_double(double base, double exponent) {
 #if defined(__CUDA_ARCH__)
   return pow(base, exponent);
@@ -201,8 +208,8 @@ GMTK_HD void adam_entry(float grad, EntryValues& e, const StepGroup& group, cons
     e.max_exp_avg_sq = e.max_exp_avg_sq < e.exp_avg_sq ? e.exp_avg_sq : e.max_exp_avg_sq;
     second_moment = e.max_exp_avg_sq;
   }
-  const float denom = add_rn(div_rn(sqrt_rn(second_moment), s.bias_correction2_sqrt), group.eps);
-  e.param = sub_rn(e.param, div_rn(mul_rn(s.step_size, e.exp_avg), denom));
+  const float denom = add_rn(div_rn_zero_fast(sqrt_rn_zero_fast(second_moment), s.bias_correction2_sqrt), group.eps);
+  e.param = sub_rn(e.param, div_rn_zero_fast(mul_rn(s.step_size, e.exp_avg), denom));
 }
 
 GMTK_HD void sgd_entry(float grad, EntryValues& e, const StepGroup& group, const StepScalars& s) {

@@ -630,3 +630,28 @@ TEST_CASE("a step's launches do not grow with the tensor count", "[cuda_step_on_
 
 }  // namespace
 }  // namespace gmtk_test
+
+namespace gmtk_test {
+namespace {
+
+TEST_CASE("the zero shortcuts of the division and the root give the IEEE results bit for bit",
+          "[cuda_step_on_host]") {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float values[] = {0.0f, -0.0f, 1e-45f, -1e-45f, 1e-38f, 1.0f, -2.5f, 3e38f, inf, -inf,
+                          std::numeric_limits<float>::quiet_NaN()};
+  for (float a : values) {
+    for (float b : values) {
+      INFO(a << " / " << b);
+      const float want = a / b;
+      const float got = gmtk::kernels::div_rn_zero_fast(a, b);
+      CHECK((bits_of(got) == bits_of(want) || (std::isnan(got) && std::isnan(want))));
+    }
+    INFO("sqrt " << a);
+    const float want = std::sqrt(a);
+    const float got = gmtk::kernels::sqrt_rn_zero_fast(a);
+    CHECK((bits_of(got) == bits_of(want) || (std::isnan(got) && std::isnan(want))));
+  }
+}
+
+}  // namespace
+}  // namespace gmtk_test
