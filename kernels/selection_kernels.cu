@@ -341,13 +341,13 @@ __global__ void __launch_bounds__(SelectionPolicy::kScanThreads) scan_sample(Sel
 }
 
 // After pass A and each level pass: each large set's boundary bin.
-__global__ void __launch_bounds__(SelectionPolicy::kScanThreads) scan_level(SelectionLaunch p) {
+__global__ void __launch_bounds__(SelectionPolicy::kScanThreads) scan_level(SelectionLaunch p, bool after_update) {
   __shared__ uint64_t segment_sums[SelectionPolicy::kScanThreads];
   __shared__ SetState state;
   __shared__ bool scans;
   __shared__ bool clear;
   const uint32_t set_index = p.large_sets[blockIdx.x];
-  if (threadIdx.x == 0) scans = scan_begins(p, set_index, &state);
+  if (threadIdx.x == 0) scans = scan_begins(p, set_index, after_update, &state);
   __syncthreads();
   if (!scans) return;
   const uint32_t bins = state.bins;
@@ -511,12 +511,12 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
                                              kCountingShared, stream>>>(launch, schedule.pass_a_chunks);
   }
   if (schedule.large_scan) {
-    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch);
+    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, false);
   }
   for (int level = 0; level < schedule.level_passes; ++level) {
     histogram_pass<HistogramPass::level><<<grid_for(launch.large_chunks, resident(occupancy.level_pass)), kThreads,
                                            kGatheringShared, stream>>>(launch, launch.large_chunks);
-    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch);
+    scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, false);
   }
   if (schedule.small_sets) {
     select_small_sets<<<launch.small_set_count, SelectionPolicy::kSmallSetThreads, 0, stream>>>(launch);
@@ -525,6 +525,15 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
     const uint32_t blocks = grid_for(launch.chunk_count, resident(occupancy.apply));
     apply_keep_rule<<<blocks, SelectionPolicy::kApplyThreads, 0, stream>>>(launch);
   }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_deferred_level(const SelectionLaunch& launch, const SelectionOccupancy& occupancy,
+                                  cudaStream_t stream) {
+  histogram_pass<HistogramPass::deferred><<<grid_for(launch.large_chunks, static_cast<uint32_t>(occupancy.level_pass)),
+                                            SelectionPolicy::kHistogramThreads, kCountingShared, stream>>>(
+      launch, launch.large_chunks);
+  scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, true);
   return cudaGetLastError();
 }
 

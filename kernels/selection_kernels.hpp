@@ -26,6 +26,11 @@ cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupanc
 cudaError_t launch_selection_passes(const SelectionLaunch& launch, const SelectionSchedule& schedule, void* zeroed,
                                     size_t zeroed_bytes, const SelectionOccupancy& occupancy, cudaStream_t stream);
 
+// gmtkStep, after the update: the last level of the sets whose boundary bin
+// the update deferred, over the deferred entries' keys, and its scan.
+cudaError_t launch_deferred_level(const SelectionLaunch& launch, const SelectionOccupancy& occupancy,
+                                  cudaStream_t stream);
+
 // Enqueues the call's last launch: thresholds, kept counts, found_inf, and
 // gmtkStep's step_count. A step's update goes between the two.
 cudaError_t launch_selection_outputs(const SelectionLaunch& launch, const SelectionOccupancy& occupancy,

@@ -296,8 +296,10 @@ struct SetState {
   uint32_t gather;           // the next pass over the gradients appends the range's keys as candidates
   uint32_t from_candidates;  // the next pass reads the candidates instead of the gradients
   uint32_t done;             // `prefix` is the k-th largest key: the threshold's key
+  uint32_t defer;            // gmtkStep: the update defers the range's entries, the last level runs over them after it
+  uint32_t padding[3];
 };
-static_assert(sizeof(SetState) == 64, "SetState is one 64-byte record");
+static_assert(sizeof(SetState) == 80, "SetState is one 80-byte record");
 
 GMTK_HD LevelRange current_range(const SetState& state) { return {state.prefix, state.shift, state.bins}; }
 
@@ -314,13 +316,19 @@ GMTK_HD void begin_selection(SetState& state, uint64_t k, const Window& window) 
   state.gather = 0;
   state.from_candidates = 0;
   state.done = 0;
+  state.defer = 0;
 }
 
 // Records a level's pick: the range narrows to the picked bin; once it is a
 // single key, that key is the threshold's. A gathering pass's candidates
 // serve every later level; a pass gathers when the picked bin fits the
-// candidate region and at least two levels remain (one to gather, one to read).
-GMTK_HD void advance_selection(SetState& state, BinPick pick, uint64_t bin_count, uint64_t candidate_capacity) {
+// candidate region and at least two levels remain (one to gather, one to
+// read). In a step (`may_defer`), a bin that one level resolves and that fits
+// the deferral region is left to the update: it decides every entry outside
+// the bin at once and defers the bin's entries (so the step reads the
+// gradient only once more), whose last level runs after it.
+GMTK_HD void advance_selection(SetState& state, BinPick pick, uint64_t bin_count, uint64_t candidate_capacity,
+                               bool may_defer, uint64_t deferral_capacity) {
   const uint32_t width_log2 = state.shift;  // of the picked bin
   const LevelRange next = narrowed_range(current_range(state), pick.bin);
   state.prefix = next.base;
@@ -331,6 +339,14 @@ GMTK_HD void advance_selection(SetState& state, BinPick pick, uint64_t bin_count
   state.bucket_count = bin_count;
   state.level += 1;
   state.done = next.bins == 0 ? 1u : 0u;
+  if (state.defer) {  // the deferred entries' level: now exact
+    return;
+  }
+  if (may_defer && !state.done && !state.gather && !state.from_candidates && levels_to_resolve(width_log2) == 1u &&
+      bin_count <= deferral_capacity) {
+    state.defer = 1;
+    return;
+  }
   if (state.gather) {
     state.gather = 0;
     state.from_candidates = 1;

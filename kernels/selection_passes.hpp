@@ -18,7 +18,9 @@ namespace gmtk::kernels {
 // chunk), then up to 3 level passes, each taking every large set that is not
 // done one level further, over its gradients or its gathered candidates.
 
-enum class HistogramPass : uint32_t { sample, level_0, level };
+// `deferred`: after a step's update, the last level of the sets whose
+// boundary bin the update deferred, over the deferred entries' keys.
+enum class HistogramPass : uint32_t { sample, level_0, level, deferred };
 
 struct ChunkWork {
   ChunkSource source;      // where the keys to count come from (skip: none)
@@ -66,14 +68,16 @@ GMTK_HD ChunkWork chunk_work(const SelectionLaunch& p, HistogramPass pass, uint6
   // Field by field: during a gathering pass other blocks advance the
   // candidate cursor of the same record, which only later passes read.
   const SetState& state = p.states[chunk.set];
-  if (state.done) return work;
+  // Before the update a deferring set waits; after it, only deferring sets count.
+  if (state.done || (state.defer != 0) != (pass == HistogramPass::deferred)) return work;
   work.range = current_range(state);
   work.count_above = state.windowed != 0 && state.level == 0;
-  if (state.from_candidates) {
+  if (state.from_candidates || state.defer) {
     work.source = ChunkSource::candidates;
     // Never past the region, whatever the cursor says.
+    const uint64_t capacity = state.defer ? set.deferral_capacity : set.candidate_capacity;
     const uint64_t cursor = state.candidates_gathered;
-    const uint64_t gathered = cursor < set.candidate_capacity ? cursor : set.candidate_capacity;
+    const uint64_t gathered = cursor < capacity ? cursor : capacity;
     work.candidates = candidate_slice(gathered, chunk.ordinal, set.chunk_count);
   } else {
     work.source = ChunkSource::gradients;
@@ -148,11 +152,13 @@ GMTK_HD void sample_scan_finishes(const SelectionLaunch& p, uint32_t set_index, 
   p.states[set_index] = state;
 }
 
-// After a level pass: whether set `set_index` scans; if so `state` is where it stands.
-GMTK_HD bool scan_begins(const SelectionLaunch& p, uint32_t set_index, SetState* state) {
+// After a level pass (`after_update`: the deferred entries' pass): whether
+// set `set_index` scans; if so `state` is where it stands. A deferring set
+// is scanned only after its deferred entries were counted.
+GMTK_HD bool scan_begins(const SelectionLaunch& p, uint32_t set_index, bool after_update, SetState* state) {
   if (!selects_large(p, p.sets[set_index])) return false;
   *state = p.states[set_index];
-  return !state->done;
+  return !state->done && (state->defer != 0) == after_update;
 }
 
 // Picks the boundary bin from the set's histogram (and the segment sums of its
@@ -176,7 +182,12 @@ GMTK_HD bool scan_finishes(const SelectionLaunch& p, uint32_t set_index, const u
     state->kept_above += above;
   }
   const BinPick pick = pick_from_segments(counts, segment_sums, segments, state->bins, state->rank);
-  advance_selection(*state, pick, counts[pick.bin], set.candidate_capacity);
+  // A step defers only where the update can settle the set alone: fp32 (the
+  // region), no non-finite gradient (the update then does nothing), and no
+  // per-tensor kept counts to take from the gradients before the update.
+  const bool may_defer = p.may_defer != 0 && set.dtype == kFloat32 && *p.flags == 0u &&
+                         (set.member_count == 1 || p.count_kept_per_tensor == 0);
+  advance_selection(*state, pick, counts[pick.bin], set.candidate_capacity, may_defer, set.deferral_capacity);
   p.states[set_index] = *state;
   return !state->done;
 }

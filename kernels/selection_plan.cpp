@@ -82,6 +82,10 @@ SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& gro
       set.candidate_offset = tables.candidate_keys;
       set.candidate_capacity = std::max(tuning.min_candidates, set.numel / tuning.candidate_share);
       tables.candidate_keys += set.candidate_capacity;
+      set.deferral_offset = tables.deferral_slots;
+      set.deferral_capacity =
+          std::min(set.candidate_capacity, std::max(tuning.min_deferrals, set.numel / tuning.deferral_share));
+      tables.deferral_slots += set.deferral_capacity;
     }
   }
 
@@ -114,6 +118,7 @@ SelectionWorkspace selection_workspace(const SelectionTables& tables) {
   workspace.flags = layout.reserve(WorkspaceLayout::kAlignment);
   workspace.zeroed_bytes = workspace.flags + WorkspaceLayout::kAlignment;
   workspace.candidates = layout.reserve(tables.candidate_keys * sizeof(uint32_t));
+  workspace.deferrals = layout.reserve(tables.deferral_slots * sizeof(unsigned long long));
   workspace.required_bytes = layout.required_bytes();
   return workspace;
 }
@@ -134,6 +139,7 @@ SelectionSchedule selection_schedule(const SelectionTables& tables, const Select
   schedule.count_kept_per_tensor = request.wants_kept_counts && tables.has_multi_tensor_sets && select;
   schedule.apply = schedule.zero_masked || schedule.count_kept_per_tensor;
   schedule.update = request.step && !tables.chunks.empty();
+  schedule.deferred = request.step && large_selection && tables.large_fp32_chunks > 0;
   return schedule;
 }
 
@@ -154,6 +160,7 @@ SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorksp
   launch->tensor_kept = reinterpret_cast<unsigned long long*>(workspace_base + layout.tensor_kept);
   launch->flags = reinterpret_cast<uint32_t*>(workspace_base + layout.flags);
   launch->candidates = reinterpret_cast<uint32_t*>(workspace_base + layout.candidates);
+  launch->deferred_positions = reinterpret_cast<unsigned long long*>(workspace_base + layout.deferrals);
   launch->inv_loss_scale = args.inv_loss_scale;
   launch->thresholds = args.thresholds;
   launch->kept_counts = args.kept_counts;
@@ -173,6 +180,7 @@ SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorksp
   launch->check_non_finite = schedule.check_non_finite ? 1u : 0u;
   launch->zero_masked = schedule.zero_masked ? 1u : 0u;
   launch->count_kept_per_tensor = schedule.count_kept_per_tensor ? 1u : 0u;
+  launch->may_defer = schedule.deferred ? 1u : 0u;
   return schedule;
 }
 

@@ -25,6 +25,8 @@ struct SelectionTuning {
   uint64_t candidate_share = 32;                      // a large fp32 set may gather n / 32 candidate keys
   uint64_t min_candidates = 4096;                     // ... and at least this many
   uint32_t sample_entries = 1024;                     // a large set's sample: the first entries of each chunk
+  uint64_t deferral_share = 128;                      // a step may defer n / 128 entries of a large fp32 set
+  uint64_t min_deferrals = 1024;                      // ... and at least this many
 };
 
 // The device tables. Records are plain structs of fixed layout.
@@ -40,6 +42,8 @@ struct SetRecord {
   uint64_t histogram_offset;    // first counter of its histogram (large sets)
   uint64_t candidate_offset;    // first key of its candidate region (large fp32 sets)
   uint64_t candidate_capacity;  // keys its region holds (0: none)
+  uint64_t deferral_offset;     // first position of its deferral region (large fp32 sets)
+  uint64_t deferral_capacity;   // entries a step may defer (<= candidate_capacity; 0: none)
   uint32_t group;
   uint32_t dtype;
   uint32_t large;               // 1: multi-block passes A/B/C; 0: the one-block path
@@ -68,6 +72,7 @@ struct SelectionTables {
   uint32_t sample_entries = 0;        // SelectionTuning::sample_entries
   uint64_t histogram_counters = 0;    // 64-bit counters, all large sets (kHistogramSlots each)
   uint64_t candidate_keys = 0;        // 32-bit keys, all large fp32 sets
+  uint64_t deferral_slots = 0;        // 64-bit positions of deferred entries, all large fp32 sets
   bool has_multi_tensor_sets = false; // a global set of several tensors: its per-tensor kept counts need a count
 };
 
@@ -86,6 +91,7 @@ struct SelectionWorkspace {
   size_t flags;         // uint32_t: [0] found a non-finite gradient
   size_t zeroed_bytes;
   size_t candidates;    // uint32_t per candidate key
+  size_t deferrals;     // uint64_t per deferral slot: a deferred entry's chunk << 16 | entry in chunk
   size_t required_bytes;
 };
 
@@ -110,6 +116,7 @@ struct SelectionLaunch {
   unsigned long long* tensor_kept;
   uint32_t* flags;       // [0]: a gradient is not finite
   uint32_t* candidates;
+  unsigned long long* deferred_positions;
   const float* inv_loss_scale;  // NULL: no unscaling
   float* thresholds;            // caller outputs, each optional
   int64_t* kept_counts;
@@ -124,6 +131,7 @@ struct SelectionLaunch {
   uint32_t check_non_finite;       // pass A evaluates found_inf's rule on every chunk
   uint32_t zero_masked;            // the apply pass writes +0 over masked gradients (gmtkMaskGradients)
   uint32_t count_kept_per_tensor;  // the apply pass counts kept entries of multi-tensor sets, per tensor
+  uint32_t may_defer;              // gmtkStep: boundary bins may be deferred to the update (advance_selection)
   double mask_ratio[kMaxGroupsOnCuda];
 };
 
@@ -140,7 +148,7 @@ struct SelectionRequest {
 };
 
 // Which launches a call makes, decided on the host from the tables and the
-// request alone (no device state): at most 15, whatever the tensor count.
+// request alone (no device state): at most 18, whatever the tensor count.
 struct SelectionSchedule {
   bool check_non_finite;
   bool sample;                // the sample pass of the large sets and its scan (their windows)
@@ -154,11 +162,12 @@ struct SelectionSchedule {
   bool zero_masked;
   bool count_kept_per_tensor;
   bool update;                // gmtkStep's fused update (step_kernels.cu), after selection
+  bool deferred;              // after the update: the deferred entries' level pass, its scan, and their finish
 
   // Kernel launches plus the workspace memset.
   int launches() const {
     return 2 + (sample ? 2 : 0) + (pass_a ? 1 : 0) + (large_scan ? 1 : 0) + 2 * level_passes + (small_sets ? 1 : 0) +
-           (apply ? 1 : 0) + (update ? 1 : 0);
+           (apply ? 1 : 0) + (update ? 1 : 0) + (deferred ? 3 : 0);
   }
 };
 

@@ -80,6 +80,34 @@ __device__ __forceinline__ void store_state(uint64_t base, Range entries, const 
   store_raw(base, 4, entries, raw);
 }
 
+// Where a unit's deferred entries go: found through the launch parameters
+// only when an item has one, so that it costs the hot loop no registers.
+struct DeferralTarget {
+  const SelectionLaunch& launch;  // the kernel's parameters (inlined: read from the parameter space)
+  uint64_t chunk;
+};
+
+// Appends an item's deferred entries (rare: the boundary bin holds a few per
+// ten thousand) with one atomic per item.
+__device__ __forceinline__ void defer_entries(const ItemPlan& item, const uint32_t* grad_raw, uint32_t grad_dtype,
+                                              Range entries, const DeferralTarget& target) {
+  const SelectionLaunch& p = target.launch;
+  const ChunkRecord chunk = p.chunks[target.chunk];
+  const SetRecord set = p.sets[chunk.set];
+  uint64_t slot = atomicAdd(&p.states[chunk.set].candidates_gathered, static_cast<unsigned long long>(item.deferred));
+#pragma unroll
+  for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
+    if (e >= item.count) break;
+    if (item.fate[e] != EntryFate::deferred) continue;
+    // The bin fits the region (advance_selection); the bound is a guard.
+    if (slot < set.deferral_capacity) {
+      p.candidates[set.candidate_offset + slot] = magnitude_key(grad_raw[e], grad_dtype);
+      p.deferred_positions[set.deferral_offset + slot] = deferred_position(target.chunk, entries.begin + e - chunk.begin);
+    }
+    ++slot;
+  }
+}
+
 template <uint32_t kDtype>
 struct DtypeConstant {
   static constexpr uint32_t value = kDtype;
@@ -90,7 +118,8 @@ struct DtypeConstant {
 template <uint32_t kGrad, uint32_t kParam>
 __device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t grad, const StepTensorRecord& buffers,
                                              const UpdateWork& work, const StepGroup& group,
-                                             const StepScalars& scalars, bool has_scale, float inv_loss_scale) {
+                                             const StepScalars& scalars, bool has_scale, float inv_loss_scale,
+                                             const DeferralTarget& deferral) {
   constexpr uint32_t kGradBytes = kGrad == kFloat32 ? 4u : 2u;
   constexpr uint32_t kParamBytes = kParam == kFloat32 ? 4u : 2u;
   for (uint64_t i = threadIdx.x; i < split.items(); i += blockDim.x) {
@@ -119,10 +148,11 @@ __device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t 
     };
     load_raw(grad, kGradBytes, entries, grad_raw);
     ItemPlan item;
-    if (work.freeze) {
+    if (work.freeze || work.defer) {
       // The state loads wait for the gradient: an item whose entries are all
-      // masked reads and writes nothing else (the sectors freeze skips).
+      // masked (or deferred) reads and writes nothing else (the sectors freeze skips).
       item = plan_item(grad_raw, count, kGrad, work);
+      if (item.deferred != 0) defer_entries(item, grad_raw, kGrad, entries, deferral);
       if (!item.touches_state) continue;
       load_item_state(loads_param_bits(item, has_master));
     } else {
@@ -178,9 +208,10 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBloc
 
     // One instantiation per dtype pair.
     const uint32_t pair = tensor.dtype * 3u + buffers.param_dtype;
+    const DeferralTarget deferral{p, c};
     const auto run = [&](auto grad_dtype, auto param_dtype) {
       update_items<decltype(grad_dtype)::value, decltype(param_dtype)::value>(
-          split, tensor.grad, buffers, work, group, scalars, has_scale, inv_loss_scale);
+          split, tensor.grad, buffers, work, group, scalars, has_scale, inv_loss_scale, deferral);
     };
     using F32 = DtypeConstant<kFloat32>;
     using F16 = DtypeConstant<kFloat16>;
@@ -199,7 +230,69 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBloc
   }
 }
 
+// After the deferred entries' last level: each is settled with its set's
+// exact threshold and updated alone (scalar loads: they are few and scattered).
+__global__ void __launch_bounds__(UpdatePolicy::kThreads) finish_deferred(SelectionLaunch p, StepLaunch s) {
+  if (*p.flags != 0u) return;
+  const int64_t t = step_index(s.step_count, s.step);
+  const bool has_scale = p.inv_loss_scale != nullptr;
+  const float inv_loss_scale = has_scale ? *p.inv_loss_scale : 1.0f;
+  for (uint64_t c = blockIdx.x; c < p.large_chunks; c += gridDim.x) {
+    const FinishWork work = finish_work(p, s, c);
+    if (work.idle) continue;
+    const StepGroup& group = s.groups[work.group];
+    const StepScalars scalars = step_scalars(group, t);
+    const SetRecord set = p.sets[p.chunks[c].set];
+    UpdateWork settle{};
+    settle.freeze = work.freeze;
+    settle.min_kept_key = work.min_kept_key;
+    for (uint64_t j = work.candidates.begin + threadIdx.x; j < work.candidates.end; j += blockDim.x) {
+      const unsigned long long position = p.deferred_positions[set.deferral_offset + j];
+      const ChunkRecord home = p.chunks[deferred_chunk(position)];
+      const TensorRecord tensor = p.tensors[home.tensor];
+      const StepTensorRecord buffers = s.tensors[home.tensor];
+      const uint64_t entry = home.begin + deferred_entry_in_chunk(position);
+      const Range entries{entry, entry + 1};
+      uint32_t grad_raw[kStepVectorEntries] = {};
+      load_raw(tensor.grad, dtype_bytes(tensor.dtype), entries, grad_raw);
+      const ItemPlan item = plan_item(grad_raw, 1, tensor.dtype, settle);
+      if (!item.touches_state) continue;
+      EntryValues values[kStepVectorEntries] = {};
+      uint32_t param_raw[kStepVectorEntries] = {};
+      const bool has_master = buffers.master != 0;
+      if (!has_master) {
+        load_raw(buffers.param, dtype_bytes(buffers.param_dtype), entries, param_raw);
+        values[0].param = gradient_to_float(param_raw[0], buffers.param_dtype);
+      } else {
+        load_state<&EntryValues::param>(buffers.master, entries, values);
+      }
+      if (buffers.exp_avg != 0) load_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
+      if (buffers.exp_avg_sq != 0) load_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
+      if (buffers.max_exp_avg_sq != 0) {
+        load_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
+      }
+      update_item(item, grad_raw, tensor.dtype, values, group, scalars, has_scale, inv_loss_scale);
+      param_raw[0] = param_bits_to_store(item.fate[0], param_raw[0], values[0].param, buffers.param_dtype);
+      store_raw(buffers.param, dtype_bytes(buffers.param_dtype), entries, param_raw);
+      if (has_master) store_state<&EntryValues::param>(buffers.master, entries, values);
+      if (buffers.exp_avg != 0) store_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
+      if (buffers.exp_avg_sq != 0) store_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
+      if (buffers.max_exp_avg_sq != 0) {
+        store_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_finish(const SelectionLaunch& selection, const StepLaunch& step, int update_blocks,
+                          cudaStream_t stream) {
+  const uint64_t chunks = selection.large_chunks;
+  const uint32_t blocks = static_cast<uint32_t>(chunks < static_cast<uint64_t>(update_blocks) ? chunks : update_blocks);
+  finish_deferred<<<blocks < 1 ? 1 : blocks, UpdatePolicy::kThreads, 0, stream>>>(selection, step);
+  return cudaGetLastError();
+}
 
 cudaError_t configure_step_kernels(int multiprocessors, int* update_blocks) {
   int per_multiprocessor = 0;

@@ -17,4 +17,9 @@ cudaError_t configure_step_kernels(int multiprocessors, int* update_blocks);
 cudaError_t launch_update(const SelectionLaunch& selection, const StepLaunch& step, int update_blocks,
                           cudaStream_t stream);
 
+// Enqueues the settling of the entries the update deferred, after their
+// level pass (launch_deferred_level) and before the outputs launch.
+cudaError_t launch_finish(const SelectionLaunch& selection, const StepLaunch& step, int update_blocks,
+                          cudaStream_t stream);
+
 }  // namespace gmtk::kernels

@@ -232,12 +232,22 @@ GMTK_HD void update_entry(float grad, EntryValues& e, const StepGroup& group, co
 }
 
 // What the mask makes of one entry: updated with its gradient, updated with
-// +0 (mask-grad), or left alone (freeze).
-enum class EntryFate : uint32_t { update, update_with_zero, skip };
+// +0 (mask-grad), left alone (freeze), or deferred (its set's boundary bin is
+// settled after the update; the entry is left alone until then).
+enum class EntryFate : uint32_t { update, update_with_zero, skip, deferred };
 
 GMTK_HD EntryFate entry_fate(uint32_t key, uint32_t min_kept_key, bool freeze) {
   if (is_kept(key, min_kept_key)) return EntryFate::update;
   return freeze ? EntryFate::skip : EntryFate::update_with_zero;
+}
+
+// The same for a set whose boundary bin `range` is deferred: above it kept,
+// below it masked, inside it deferred.
+GMTK_HD EntryFate deferring_entry_fate(uint32_t key, LevelRange range, bool freeze) {
+  const uint32_t bin = range_bin(key, range);
+  if (bin == kAboveRange) return EntryFate::update;
+  if (bin == kBelowRange) return freeze ? EntryFate::skip : EntryFate::update_with_zero;
+  return EntryFate::deferred;
 }
 
 // The gradient the optimizer sees: unscaled (one rounded product), or +0.

@@ -16,8 +16,10 @@ namespace gmtk::kernels {
 struct UpdateWork {
   bool idle;              // nothing in the chunk changes
   bool freeze;
+  bool defer;             // the set's boundary bin is deferred: `range`
   uint32_t group;
-  uint32_t min_kept_key;  // entries with key >= this are kept
+  uint32_t min_kept_key;  // entries with key >= this are kept (when not deferring)
+  LevelRange range;
 };
 
 // Runs after selection: every set's answer is final. Called only when no
@@ -29,9 +31,53 @@ GMTK_HD UpdateWork update_work(const SelectionLaunch& p, const StepLaunch& s, ui
   UpdateWork work{};
   work.group = set.group;
   work.freeze = (s.groups[set.group].flags & kFreeze) != 0;
-  work.min_kept_key = min_kept_key(target, target.goal == SetGoal::select ? p.states[chunk.set] : SetState{});
+  const SetState state = target.goal == SetGoal::select ? p.states[chunk.set] : SetState{};
+  work.min_kept_key = min_kept_key(target, state);
+  work.defer = state.defer != 0 && !state.done;
+  work.range = current_range(state);
   // Freeze at ratio 1 keeps nothing and changes nothing: not even the gradient is read.
   work.idle = work.freeze && target.goal == SetGoal::keep_none;
+  return work;
+}
+
+// The fate of an entry in the update pass.
+GMTK_HD EntryFate update_fate(uint32_t key, const UpdateWork& work) {
+  return work.defer ? deferring_entry_fate(key, work.range, work.freeze)
+                    : entry_fate(key, work.min_kept_key, work.freeze);
+}
+
+// Where a deferred entry is: its chunk, and its entry in the chunk (< 2^16).
+GMTK_HD unsigned long long deferred_position(uint64_t chunk, uint64_t entry_in_chunk) {
+  return (static_cast<unsigned long long>(chunk) << 16) | entry_in_chunk;
+}
+GMTK_HD uint64_t deferred_chunk(unsigned long long position) { return position >> 16; }
+GMTK_HD uint64_t deferred_entry_in_chunk(unsigned long long position) { return position & 0xFFFFu; }
+
+// The finish pass: the deferred entries of chunk `c`'s share of its set,
+// settled with the set's exact threshold (empty unless the set deferred).
+struct FinishWork {
+  bool idle;
+  Range candidates;  // into the set's candidate and deferral regions
+  uint32_t group;
+  bool freeze;
+  uint32_t min_kept_key;
+};
+
+GMTK_HD FinishWork finish_work(const SelectionLaunch& p, const StepLaunch& s, uint64_t c) {
+  const ChunkRecord chunk = p.chunks[c];
+  const SetRecord set = p.sets[chunk.set];
+  FinishWork work{};
+  work.idle = true;
+  if (!selects_large(p, set)) return work;
+  const SetState state = p.states[chunk.set];
+  if (!state.defer || !state.done) return work;
+  const uint64_t cursor = state.candidates_gathered;
+  const uint64_t gathered = cursor < set.deferral_capacity ? cursor : set.deferral_capacity;
+  work.candidates = candidate_slice(gathered, chunk.ordinal, set.chunk_count);
+  work.idle = work.candidates.begin == work.candidates.end;
+  work.group = set.group;
+  work.freeze = (s.groups[set.group].flags & kFreeze) != 0;
+  work.min_kept_key = state.prefix;
   return work;
 }
 
@@ -40,8 +86,11 @@ GMTK_HD UpdateWork update_work(const SelectionLaunch& p, const StepLaunch& s, ui
 struct ItemPlan {
   uint32_t count;  // 1 or 4 entries
   EntryFate fate[kStepVectorEntries];
-  bool touches_state;  // false: every entry frozen, so param, master and state are neither read nor written
+  bool touches_state;  // false: no entry updated now, so param, master and state are neither read nor written
+  uint32_t deferred;   // entries left to the finish pass
 };
+
+GMTK_HD bool left_alone(EntryFate fate) { return fate == EntryFate::skip || fate == EntryFate::deferred; }
 
 // Decides an item's entries from their stored gradients. In freeze mode an
 // item whose entries are all masked touches nothing but its gradient: at
@@ -51,8 +100,10 @@ GMTK_HD ItemPlan plan_item(const uint32_t* grad_raw, uint32_t count, uint32_t gr
   plan.count = count;
   for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
     if (e >= count) break;  // constant indexes keep the arrays in registers
-    plan.fate[e] = entry_fate(magnitude_key(grad_raw[e], grad_dtype), work.min_kept_key, work.freeze);
-    plan.touches_state = plan.touches_state || plan.fate[e] != EntryFate::skip;
+    plan.fate[e] = update_fate(magnitude_key(grad_raw[e], grad_dtype), work);
+    plan.touches_state = plan.touches_state || plan.fate[e] == EntryFate::update ||
+                         plan.fate[e] == EntryFate::update_with_zero;
+    plan.deferred += plan.fate[e] == EntryFate::deferred ? 1u : 0u;
   }
   return plan;
 }
@@ -65,7 +116,7 @@ GMTK_HD bool loads_param_bits(const ItemPlan& plan, bool has_master) {
   bool any_frozen = false;
   for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
     if (e >= plan.count) break;
-    any_frozen = any_frozen || plan.fate[e] == EntryFate::skip;
+    any_frozen = any_frozen || left_alone(plan.fate[e]);
   }
   return any_frozen;
 }
@@ -75,7 +126,7 @@ GMTK_HD void update_item(const ItemPlan& plan, const uint32_t* grad_raw, uint32_
                          const StepGroup& group, const StepScalars& scalars, bool has_scale, float inv_loss_scale) {
   for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
     if (e >= plan.count) break;
-    if (plan.fate[e] == EntryFate::skip) continue;
+    if (left_alone(plan.fate[e])) continue;
     update_entry(entry_gradient(grad_raw[e], grad_dtype, plan.fate[e], has_scale, inv_loss_scale), values[e], group,
                  scalars);
   }
@@ -85,7 +136,7 @@ GMTK_HD void update_item(const ItemPlan& plan, const uint32_t* grad_raw, uint32_
 // parameter's dtype, or, for a frozen entry, the bits it was loaded with
 // (a 16-bit signalling NaN would not survive a round trip through fp32).
 GMTK_HD uint32_t param_bits_to_store(EntryFate fate, uint32_t loaded_raw, float value, uint32_t param_dtype) {
-  return fate == EntryFate::skip ? loaded_raw : float_to_stored_bits(value, param_dtype);
+  return left_alone(fate) ? loaded_raw : float_to_stored_bits(value, param_dtype);
 }
 
 }  // namespace gmtk::kernels

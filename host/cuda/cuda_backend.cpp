@@ -223,6 +223,11 @@ class CudaBackend final : public Backend {
       kernels::bind_step_call(plan.groups, call.args, &state.step);
       error = kernels::launch_update(launch, state.step, occupancy_.update, stream);
       if (error != cudaSuccess) return cuda_failure("launching the fused update", error);
+      if (schedule.deferred) {
+        error = kernels::launch_deferred_level(launch, occupancy_, stream);
+        if (error == cudaSuccess) error = kernels::launch_finish(launch, state.step, occupancy_.update, stream);
+        if (error != cudaSuccess) return cuda_failure("launching the deferred entries' passes", error);
+      }
     }
     error = kernels::launch_selection_outputs(launch, occupancy_, stream);
     if (error != cudaSuccess) return cuda_failure("launching the outputs kernel", error);

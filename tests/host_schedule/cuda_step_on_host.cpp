@@ -380,6 +380,8 @@ EngineTrace run_case(const StepCase& c, const SelectionTuning& tuning) {
     total.param_bits_loaded_with_master += trace.param_bits_loaded_with_master;
     total.large_sets_selected += trace.large_sets_selected;
     total.small_sets_selected += trace.small_sets_selected;
+    total.entries_deferred += trace.entries_deferred;
+    total.sets_deferring += trace.sets_deferring;
   }
   gmtkPlanDestroy(plan);
   gmtkHandleDestroy(handle);
@@ -410,6 +412,8 @@ void add(EngineTrace& total, const EngineTrace& trace) {
   total.param_bits_loaded_with_master += trace.param_bits_loaded_with_master;
   total.large_sets_selected += trace.large_sets_selected;
   total.small_sets_selected += trace.small_sets_selected;
+  total.entries_deferred += trace.entries_deferred;
+  total.sets_deferring += trace.sets_deferring;
 }
 
 // ---- The cases ------------------------------------------------------------------------
@@ -472,6 +476,8 @@ TEST_CASE("ratios 0 to 1 in both scopes, on the large-set path and the one-block
   CHECK(total.large_sets_selected > 0);
   CHECK(total.small_sets_selected > 0);
   CHECK(total.idle_chunks > 0);  // freeze at ratio 1
+  CHECK(total.sets_deferring > 0);  // the update deferred boundary bins ...
+  CHECK(total.entries_deferred > 0);  // ... and the finish pass settled their entries
   CHECK(total.untouched_items > 0);
 }
 

@@ -42,6 +42,8 @@ struct EngineTrace {
   int64_t entries_frozen = 0;
   int64_t param_bits_loaded_with_master = 0;  // freeze: items that reload 16-bit params beside a master
   int64_t misaligned_vector_items = 0;  // a vector item whose load would fault on the device: must stay 0
+  int64_t entries_deferred = 0;          // left by the update to the finish pass
+  int sets_deferring = 0;                // sets whose boundary bin the update deferred
 };
 
 class HostSelectionEngine {
@@ -100,6 +102,11 @@ class HostSelectionEngine {
     if (schedule.update) {
       bind_step_call(groups_, args, step_.get());
       fused_update();
+    }
+    if (schedule.deferred) {
+      histogram_pass(HistogramPass::deferred, p.large_chunks);
+      scan_level(true);
+      finish_deferred();
     }
     for (uint64_t t = 0; t < p.tensor_count; ++t) write_tensor_outputs(p, t);
     write_call_outputs(p);
@@ -221,13 +228,13 @@ class HostSelectionEngine {
     }
   }
 
-  void scan_level() {
+  void scan_level(bool after_update = false) {
     const SelectionLaunch& p = launch_;
     uint64_t sums[kScanThreads];
     for (uint32_t b = 0; b < p.large_set_count; ++b) {
       const uint32_t set_index = p.large_sets[b];
       SetState state{};
-      if (!scan_begins(p, set_index, &state)) continue;
+      if (!scan_begins(p, set_index, after_update, &state)) continue;
       const bool window_level = state.windowed && state.level == 0;
       if (state.from_candidates) ++trace_.sets_gathering;
       const uint32_t bins = state.bins;
@@ -355,7 +362,21 @@ class HostSelectionEngine {
         for (uint32_t e = 0; e < count; ++e) {
           ++(item.fate[e] == EntryFate::update             ? trace_.entries_updated
              : item.fate[e] == EntryFate::update_with_zero ? trace_.entries_fed_zero
+             : item.fate[e] == EntryFate::deferred         ? trace_.entries_deferred
                                                            : trace_.entries_frozen);
+        }
+        if (item.deferred != 0) {  // defer_entries
+          const SetRecord set = p.sets[chunk.set];
+          unsigned long long& cursor = p.states[chunk.set].candidates_gathered;
+          for (uint32_t e = 0; e < count; ++e) {
+            if (item.fate[e] != EntryFate::deferred) continue;
+            const uint64_t slot = cursor++;
+            if (slot < set.deferral_capacity) {
+              p.candidates[set.candidate_offset + slot] = magnitude_key(grad_raw[e], tensor.dtype);
+              p.deferred_positions[set.deferral_offset + slot] =
+                  deferred_position(c, entries.begin + e - chunk.begin);
+            }
+          }
         }
         if (!item.touches_state) {
           ++trace_.untouched_items;
@@ -388,6 +409,58 @@ class HostSelectionEngine {
           if (buffers.exp_avg_sq != 0) store_float(buffers.exp_avg_sq, entry, values[e].exp_avg_sq);
           if (buffers.max_exp_avg_sq != 0) store_float(buffers.max_exp_avg_sq, entry, values[e].max_exp_avg_sq);
         }
+      }
+    }
+  }
+
+  // finish_deferred (step_kernels.cu): each deferred entry settled alone.
+  void finish_deferred() {
+    const SelectionLaunch& p = launch_;
+    const StepLaunch& s = *step_;
+    if (*p.flags != 0u) return;
+    const int64_t t = step_index(s.step_count, s.step);
+    const bool has_scale = p.inv_loss_scale != nullptr;
+    const float inv_loss_scale = has_scale ? *p.inv_loss_scale : 1.0f;
+    for (uint32_t b = 0; b < p.large_set_count; ++b) {
+      if (p.states[p.large_sets[b]].defer) ++trace_.sets_deferring;
+    }
+    for (uint64_t c = 0; c < p.large_chunks; ++c) {
+      const FinishWork work = finish_work(p, s, c);
+      if (work.idle) continue;
+      const StepGroup& group = s.groups[work.group];
+      const StepScalars scalars = step_scalars(group, t);
+      const SetRecord set = p.sets[p.chunks[c].set];
+      UpdateWork settle{};
+      settle.freeze = work.freeze;
+      settle.min_kept_key = work.min_kept_key;
+      for (uint64_t j = work.candidates.begin; j < work.candidates.end; ++j) {
+        const unsigned long long position = p.deferred_positions[set.deferral_offset + j];
+        const ChunkRecord home = p.chunks[deferred_chunk(position)];
+        const TensorRecord tensor = p.tensors[home.tensor];
+        const StepTensorRecord buffers = s.tensors[home.tensor];
+        const uint64_t entry = home.begin + deferred_entry_in_chunk(position);
+        uint32_t grad_raw[kStepVectorEntries] = {load_raw(tensor.grad, tensor.dtype, entry), 0, 0, 0};
+        const ItemPlan item = plan_item(grad_raw, 1, tensor.dtype, settle);
+        if (!item.touches_state) continue;
+        EntryValues values[kStepVectorEntries] = {};
+        uint32_t param_raw[kStepVectorEntries] = {};
+        const bool has_master = buffers.master != 0;
+        if (!has_master) {
+          param_raw[0] = load_raw(buffers.param, buffers.param_dtype, entry);
+          values[0].param = gradient_to_float(param_raw[0], buffers.param_dtype);
+        } else {
+          values[0].param = load_float(buffers.master, entry);
+        }
+        if (buffers.exp_avg != 0) values[0].exp_avg = load_float(buffers.exp_avg, entry);
+        if (buffers.exp_avg_sq != 0) values[0].exp_avg_sq = load_float(buffers.exp_avg_sq, entry);
+        if (buffers.max_exp_avg_sq != 0) values[0].max_exp_avg_sq = load_float(buffers.max_exp_avg_sq, entry);
+        update_item(item, grad_raw, tensor.dtype, values, group, scalars, has_scale, inv_loss_scale);
+        store_raw(buffers.param, buffers.param_dtype, entry,
+                  param_bits_to_store(item.fate[0], param_raw[0], values[0].param, buffers.param_dtype));
+        if (has_master) store_float(buffers.master, entry, values[0].param);
+        if (buffers.exp_avg != 0) store_float(buffers.exp_avg, entry, values[0].exp_avg);
+        if (buffers.exp_avg_sq != 0) store_float(buffers.exp_avg_sq, entry, values[0].exp_avg_sq);
+        if (buffers.max_exp_avg_sq != 0) store_float(buffers.max_exp_avg_sq, entry, values[0].max_exp_avg_sq);
       }
     }
   }
