@@ -507,7 +507,7 @@ TEST_CASE("a non-finite gradient makes the step a no-op: outputs written, step_c
       c.name = std::string("inf at step ") + std::to_string(at_step) + (with_scale ? " scaled" : "");
       c.groups = {make_group(GMTK_OPTIMIZER_ADAMW, 0.5, GMTK_MASK_GRAD),
                   make_group(GMTK_OPTIMIZER_SGD, 0.9, GMTK_MASK_FREEZE)};
-      c.tensors = {{500, GMTK_FLOAT32, GMTK_FLOAT32, false, 0, 0},
+      c.tensors = {{20000, GMTK_FLOAT32, GMTK_FLOAT32, false, 0, 0},  // under tiny tuning: a window, a deferral
                    {300, GMTK_BFLOAT16, GMTK_BFLOAT16, true, 1, 0},
                    {200, GMTK_FLOAT16, GMTK_FLOAT16, false, 0, 0}};
       c.use_step_count = true;
@@ -515,6 +515,10 @@ TEST_CASE("a non-finite gradient makes the step a no-op: outputs written, step_c
       c.non_finite_at_step = at_step;
       const EngineTrace trace = run_case(c, SelectionTuning{});
       CHECK(trace.update_ran);  // the other steps applied
+      // Large sets, whose boundary bins a step defers: not when a gradient
+      // is not finite (the update does nothing; the outputs still need T).
+      const EngineTrace large = run_case(c, tiny_tuning());
+      CHECK(large.sets_deferring > 0);  // on the steps without the inf
     }
   }
   // Finite fp32 gradients that only the scale overflows: step 2's x1e6
