@@ -176,17 +176,70 @@ struct GradientChunk {
   float inv_loss_scale;
 };
 
-// Counts a chunk's gradient keys into the shared histogram (keys above a
-// window into `above`), applies found_inf's rule, and appends the counted keys
-// to the candidates when the work gathers. Whole block.
-template <uint32_t kDtype, bool kMayGather, int kItems>
-__device__ __forceinline__ void count_gradients(const GradientChunk& g, uint32_t* histogram, uint32_t* stage,
-                                                uint32_t* stage_count, unsigned long long* stage_base,
-                                                bool* non_finite, uint32_t* above) {
+// The counting of a chunk that gathers nothing, with the items' index
+// arithmetic out of the loop: the scalar head and tail entries one a thread,
+// then the 16-byte vectors as a plain array (the loop is instruction-bound
+// otherwise). The same visits as the general loop, in another order.
+template <uint32_t kDtype, int kItems>
+__device__ __forceinline__ void count_gradients_fast(const GradientChunk& g, const VectorSplit& split,
+                                                     uint32_t* histogram, bool* non_finite, uint32_t* above) {
+  constexpr uint32_t kBytes = kDtype == kFloat32 ? 4u : 2u;
+  constexpr uint32_t kPerVector = 16u / kBytes;
   const ChunkWork& work = g.work;
-  const VectorSplit split = split_for_vectors(g.grad, dtype_bytes(kDtype), work.entries.begin, work.entries.end);
+  bool found = false;
+  uint32_t over = 0;
+  const auto visit = [&](uint32_t raw) {
+    const EntryVisit v = visit_entry(work, raw, kDtype, g.has_scale, g.inv_loss_scale);
+    found = found || v.non_finite;
+    over += v.above ? 1u : 0u;
+    return v;
+  };
+  const uint64_t scalars = split.head + split.tail;
+  const uint64_t tail_begin = split.begin + split.head + split.vectors * kPerVector;
+  for (uint64_t i = threadIdx.x; i < scalars; i += blockDim.x) {
+    const uint64_t entry = i < split.head ? split.begin + i : tail_begin + (i - split.head);
+    const uint64_t address = g.grad + entry * kBytes;
+    const uint32_t raw = kBytes == 4 ? *reinterpret_cast<const uint32_t*>(address)
+                                     : *reinterpret_cast<const uint16_t*>(address);
+    const EntryVisit v = visit(raw);
+    if (v.counted) atomicAdd(&histogram[v.bin], 1u);
+  }
+  const uint4* vectors = reinterpret_cast<const uint4*>(g.grad + (split.begin + split.head) * kBytes);
+  const uint32_t count = static_cast<uint32_t>(split.vectors);  // a chunk holds < 2^32 vectors
+  for (uint32_t round = 0; round < count; round += kItems * blockDim.x) {
+    uint4 words[kItems];
+#pragma unroll
+    for (int u = 0; u < kItems; ++u) {
+      const uint32_t index = round + u * blockDim.x + threadIdx.x;
+      words[u] = index < count ? __ldg(vectors + index) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kItems; ++u) {
+      if (round + u * blockDim.x + threadIdx.x >= count) break;
+      PackedItem item{words[u], kPerVector};
+      BinRun run;
+#pragma unroll
+      for (uint32_t e = 0; e < kPerVector; ++e) {
+        const EntryVisit v = visit(packed_raw<kDtype>(item, e));
+        if (v.counted) run.add(histogram, v.bin);
+      }
+      run.flush(histogram);
+    }
+  }
+  *non_finite = *non_finite || found;
+  *above += over;
+}
+
+
+// The general loop of a gathering pass: counts and appends the in-range keys
+// to the candidates (staged in shared memory). Whole block.
+template <uint32_t kDtype, int kItems>
+__device__ __forceinline__ void gather_gradients(const GradientChunk& g, const VectorSplit& split, uint32_t* histogram,
+                                                 uint32_t* stage, uint32_t* stage_count,
+                                                 unsigned long long* stage_base, bool* non_finite, uint32_t* above) {
+  const ChunkWork& work = g.work;
   constexpr uint32_t kPerVector = 16u / (kDtype == kFloat32 ? 4u : 2u);
-  const bool gather = kMayGather && work.gather;
+  const bool gather = true;
   // kItems items a thread per round, all loads in flight before any is counted.
   for (uint64_t round = 0; round < split.items(); round += kItems * blockDim.x) {
     PackedItem items[kItems];
@@ -235,6 +288,24 @@ __device__ __forceinline__ void count_gradients(const GradientChunk& g, uint32_t
   }
   if (gather) flush_stage(stage, stage_count, stage_base, g.state, g.region, g.capacity);
 }
+
+// Counts a chunk's gradient keys into the shared histogram (keys above a
+// window into `above`), applies found_inf's rule, and appends the counted keys
+// to the candidates when the work gathers. Whole block.
+template <uint32_t kDtype, bool kMayGather, int kItems>
+__device__ __forceinline__ void count_gradients(const GradientChunk& g, uint32_t* histogram, uint32_t* stage,
+                                                uint32_t* stage_count, unsigned long long* stage_base,
+                                                bool* non_finite, uint32_t* above) {
+  const ChunkWork& work = g.work;
+  const VectorSplit split = split_for_vectors(g.grad, dtype_bytes(kDtype), work.entries.begin, work.entries.end);
+  if (!kMayGather || !work.gather) {
+    count_gradients_fast<kDtype, kItems>(g, split, histogram, non_finite, above);
+    return;
+  }
+  if constexpr (kMayGather) gather_gradients<kDtype, kItems>(g, split, histogram, stage, stage_count, stage_base,
+                                                             non_finite, above);
+}
+
 
 // The histogram passes (selection_passes.hpp): the sample pass, pass A and
 // the level passes. Each persistent block takes a contiguous run of the chunk

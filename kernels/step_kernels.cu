@@ -115,7 +115,7 @@ struct DtypeConstant {
 
 // The items of one work unit, for one gradient x parameter dtype pair (as
 // template arguments: the conversions compile to a few instructions each).
-template <uint32_t kGrad, uint32_t kParam>
+template <uint32_t kGrad, uint32_t kParam, bool kDefer>
 __device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t grad, const StepTensorRecord& buffers,
                                              const UpdateWork& work, const StepGroup& group,
                                              const StepScalars& scalars, bool has_scale, float inv_loss_scale,
@@ -148,11 +148,11 @@ __device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t 
     };
     load_raw(grad, kGradBytes, entries, grad_raw);
     ItemPlan item;
-    if (work.freeze || work.defer) {
+    if (kDefer || work.freeze) {
       // The state loads wait for the gradient: an item whose entries are all
       // masked (or deferred) reads and writes nothing else (the sectors freeze skips).
       item = plan_item(grad_raw, count, kGrad, work);
-      if (item.deferred != 0) defer_entries(item, grad_raw, kGrad, entries, deferral);
+      if (kDefer && item.deferred != 0) defer_entries(item, grad_raw, kGrad, entries, deferral);
       if (!item.touches_state) continue;
       load_item_state(loads_param_bits(item, has_master));
     } else {
@@ -209,9 +209,18 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBloc
     // One instantiation per dtype pair.
     const uint32_t pair = tensor.dtype * 3u + buffers.param_dtype;
     const DeferralTarget deferral{p, c};
+    // Deferring units (large fp32 sets of a step) in their own instantiation,
+    // so that the others' loop carries none of its registers.
     const auto run = [&](auto grad_dtype, auto param_dtype) {
-      update_items<decltype(grad_dtype)::value, decltype(param_dtype)::value>(
-          split, tensor.grad, buffers, work, group, scalars, has_scale, inv_loss_scale, deferral);
+      constexpr uint32_t kGrad = decltype(grad_dtype)::value;
+      constexpr uint32_t kParam = decltype(param_dtype)::value;
+      if (work.defer) {
+        update_items<kGrad, kParam, true>(split, tensor.grad, buffers, work, group, scalars, has_scale,
+                                          inv_loss_scale, deferral);
+      } else {
+        update_items<kGrad, kParam, false>(split, tensor.grad, buffers, work, group, scalars, has_scale,
+                                           inv_loss_scale, deferral);
+      }
     };
     using F32 = DtypeConstant<kFloat32>;
     using F16 = DtypeConstant<kFloat16>;
