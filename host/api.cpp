@@ -32,7 +32,8 @@ gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepAr
   GMTK_REQUIRE(plan != nullptr, "plan is NULL");
   Call call{};
   GMTK_CHECK(validate_call_arguments(*plan, operation, args, workspace, workspace_bytes, stream, &call));
-  if (operation == Operation::step) GMTK_CHECK(check_step_buffers(*plan));
+  // The walk over every tensor only when the plan's kept answer says a buffer is missing (for the message).
+  if (operation == Operation::step && !plan->step_buffers_complete) GMTK_CHECK(check_step_buffers(*plan));
   Backend& backend = *plan->backend;
   GMTK_CHECK(backend.check_reachable(call.buffers, call.buffer_count));
   if (plan->owned_workspace != nullptr && workspace == nullptr) {
@@ -143,6 +144,7 @@ gmtkStatus_t gmtkPlanCreate(gmtkHandle_t handle, const gmtkPlanConfig_t* config,
     auto created = std::make_unique<gmtkPlan>();
     created->backend = handle->backend;
     GMTK_CHECK(gmtk::build_plan(config, created.get()));
+    created->step_buffers_complete = gmtk::step_buffers_complete(*created);
     gmtk::Backend& backend = *created->backend;
     GMTK_CHECK(backend.check_reachable(created->sorted_buffers.data(), created->sorted_buffers.size()));
     GMTK_CHECK(backend.check_reachable(created->sorted_scalars.data(), created->sorted_scalars.size()));
@@ -187,7 +189,11 @@ gmtkStatus_t gmtkPlanSetGroupHyperparams(gmtkPlan_t plan, int32_t group, const g
     size_t new_buffer_count = 0;
     GMTK_CHECK(gmtk::validate_group_change(*plan, group, config, &new_buffer, &new_buffer_count));
     GMTK_CHECK(plan->backend->check_reachable(&new_buffer, new_buffer_count));
+    // Of what a schedule may change, only SGD's momentum turning on or off
+    // changes which buffers a step needs (then walk the tensors again).
+    const bool momentum_switched = (plan->groups[group].momentum != 0) != (config->momentum != 0);
     plan->groups[group] = *config;
+    if (momentum_switched) plan->step_buffers_complete = gmtk::step_buffers_complete(*plan);
     gmtk::update_group_scalar(plan, group);
     return GMTK_SUCCESS;
   });

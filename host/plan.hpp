@@ -22,6 +22,7 @@ struct Plan {
   // kept up to date by gmtkPlanSetGroupHyperparams, so that a call checks its
   // outputs against them without building the list.
   std::vector<BufferRange> sorted_scalars;
+  bool step_buffers_complete = false;  // validate.hpp's step_buffers_complete(), kept current
   void* owned_workspace = nullptr;  // with GMTK_PLAN_ALLOCATE_WORKSPACE
   size_t owned_workspace_bytes = 0;
   std::unique_ptr<BackendPlanState> backend_state;  // Backend::prepare_plan's

@@ -409,25 +409,59 @@ gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, cons
   return GMTK_SUCCESS;
 }
 
-gmtkStatus_t check_step_buffers(const Plan& plan) {
+namespace {
+
+// The first tensor that lacks a buffer gmtkStep needs, and which; none: -1.
+enum class MissingStepBuffer { none, param, exp_avg, exp_avg_sq, max_exp_avg_sq, momentum };
+
+MissingStepBuffer missing_step_buffer(const Plan& plan, size_t* tensor_index) {
   for (size_t t = 0; t < plan.tensors.size(); ++t) {
     const gmtkTensor_t& tensor = plan.tensors[t];
     if (tensor.numel == 0) continue;
     const gmtkGroupConfig_t& group = plan.groups[tensor.group];
-    GMTK_REQUIRE(tensor.param != nullptr,
-                 "tensors[%zu].param is NULL; gmtkStep needs the parameters (a plan without them serves only "
-                 "gmtkSelectThresholds and gmtkMaskGradients)",
-                 t);
+    *tensor_index = t;
+    if (tensor.param == nullptr) return MissingStepBuffer::param;
     if (is_adam(group.optimizer)) {
-      GMTK_REQUIRE(tensor.exp_avg != nullptr, "tensors[%zu].exp_avg is NULL; Adam needs it", t);
-      GMTK_REQUIRE(tensor.exp_avg_sq != nullptr, "tensors[%zu].exp_avg_sq is NULL; Adam needs it", t);
-      GMTK_REQUIRE(!group.amsgrad || tensor.max_exp_avg_sq != nullptr,
-                   "tensors[%zu].max_exp_avg_sq is NULL; group %d uses amsgrad", t, tensor.group);
-    } else if (group.momentum != 0) {
-      GMTK_REQUIRE(tensor.exp_avg != nullptr,
-                   "tensors[%zu].exp_avg (the momentum buffer) is NULL; group %d has momentum %g", t, tensor.group,
-                   group.momentum);
+      if (tensor.exp_avg == nullptr) return MissingStepBuffer::exp_avg;
+      if (tensor.exp_avg_sq == nullptr) return MissingStepBuffer::exp_avg_sq;
+      if (group.amsgrad && tensor.max_exp_avg_sq == nullptr) return MissingStepBuffer::max_exp_avg_sq;
+    } else if (group.momentum != 0 && tensor.exp_avg == nullptr) {
+      return MissingStepBuffer::momentum;
     }
+  }
+  return MissingStepBuffer::none;
+}
+
+}  // namespace
+
+bool step_buffers_complete(const Plan& plan) {
+  size_t t = 0;
+  return missing_step_buffer(plan, &t) == MissingStepBuffer::none;
+}
+
+gmtkStatus_t check_step_buffers(const Plan& plan) {
+  size_t t = 0;
+  const MissingStepBuffer missing = missing_step_buffer(plan, &t);
+  if (missing == MissingStepBuffer::none) return GMTK_SUCCESS;
+  const gmtkTensor_t& tensor = plan.tensors[t];
+  switch (missing) {
+    case MissingStepBuffer::param:
+      return fail(GMTK_ERROR_INVALID_ARGUMENT,
+                  "tensors[%zu].param is NULL; gmtkStep needs the parameters (a plan without them serves only "
+                  "gmtkSelectThresholds and gmtkMaskGradients)",
+                  t);
+    case MissingStepBuffer::exp_avg:
+      return fail(GMTK_ERROR_INVALID_ARGUMENT, "tensors[%zu].exp_avg is NULL; Adam needs it", t);
+    case MissingStepBuffer::exp_avg_sq:
+      return fail(GMTK_ERROR_INVALID_ARGUMENT, "tensors[%zu].exp_avg_sq is NULL; Adam needs it", t);
+    case MissingStepBuffer::max_exp_avg_sq:
+      return fail(GMTK_ERROR_INVALID_ARGUMENT, "tensors[%zu].max_exp_avg_sq is NULL; group %d uses amsgrad", t,
+                  tensor.group);
+    case MissingStepBuffer::momentum:
+      return fail(GMTK_ERROR_INVALID_ARGUMENT,
+                  "tensors[%zu].exp_avg (the momentum buffer) is NULL; group %d has momentum %g", t, tensor.group,
+                  plan.groups[tensor.group].momentum);
+    case MissingStepBuffer::none: break;
   }
   return GMTK_SUCCESS;
 }

@@ -40,4 +40,9 @@ gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, cons
 // optimizer needs (they may change with momentum, so this is checked per step).
 gmtkStatus_t check_step_buffers(const Plan& plan);
 
+// The same check without a message: kept in Plan::step_buffers_complete at
+// plan creation and on each schedule change, so that a step does not walk
+// every tensor again (host time per call, docs/performance.md).
+bool step_buffers_complete(const Plan& plan);
+
 }  // namespace gmtk

@@ -350,6 +350,9 @@ TEST_CASE("gmtkStep needs the optimizer's buffers; selection and masking do not"
   with_momentum.momentum = 0.9;
   GMTK_REQUIRE_OK(gmtkPlanSetGroupHyperparams(plan.get(), 1, &with_momentum));
   expect_rejected(plan.step(args), GMTK_ERROR_INVALID_ARGUMENT, "tensors[1].exp_avg (the momentum buffer) is NULL");
+  // ... and off again does not (the plan keeps its answer to "are the step's buffers all there").
+  GMTK_REQUIRE_OK(gmtkPlanSetGroupHyperparams(plan.get(), 1, &setup.groups[1]));
+  GMTK_REQUIRE_OK(plan.step(args));
 }
 
 TEST_CASE("gmtkPlanSetGroupHyperparams rejects structural changes and bad values, keeping the old ones",
