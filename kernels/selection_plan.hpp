@@ -148,7 +148,7 @@ struct SelectionRequest {
 };
 
 // Which launches a call makes, decided on the host from the tables and the
-// request alone (no device state): at most 19, whatever the tensor count.
+// request alone (no device state): at most 18, whatever the tensor count.
 struct SelectionSchedule {
   bool check_non_finite;
   bool sample;                // the sample pass of the large sets and its scan (their windows)
@@ -162,13 +162,12 @@ struct SelectionSchedule {
   bool zero_masked;
   bool count_kept_per_tensor;
   bool update;                // gmtkStep's fused update (step_kernels.cu), after selection
-  bool deferred;              // the update's deferring units (a second launch), then the deferred entries'
-                              // level pass, its scan, and their finish
+  bool deferred;              // after the update: the deferred entries' level pass, its scan, and their finish
 
   // Kernel launches plus the workspace memset.
   int launches() const {
     return 2 + (sample ? 2 : 0) + (pass_a ? 1 : 0) + (large_scan ? 1 : 0) + 2 * level_passes + (small_sets ? 1 : 0) +
-           (apply ? 1 : 0) + (update ? 1 : 0) + (deferred ? 4 : 0);
+           (apply ? 1 : 0) + (update ? 1 : 0) + (deferred ? 3 : 0);
   }
 };
 

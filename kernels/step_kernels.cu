@@ -148,7 +148,7 @@ __device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t 
     };
     load_raw(grad, kGradBytes, entries, grad_raw);
     ItemPlan item;
-    if (work.freeze) {
+    if (kDefer || work.freeze) {
       // The state loads wait for the gradient: an item whose entries are all
       // masked (or deferred) reads and writes nothing else (the sectors freeze skips).
       item = plan_item(grad_raw, count, kGrad, work);
@@ -156,16 +156,9 @@ __device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t 
       if (!item.touches_state) continue;
       load_item_state(loads_param_bits(item, has_master));
     } else {
-      // Every entry (but a rare deferred one) is updated: all loads of the
-      // item are in flight at once.
+      // Every entry is updated: all loads of the item are in flight at once.
       load_item_state(!has_master);
       item = plan_item(grad_raw, count, kGrad, work);
-      if (kDefer && item.deferred != 0) {
-        defer_entries(item, grad_raw, kGrad, entries, deferral);
-        // A deferred entry keeps its bits through the vector store: beside a
-        // master, its 16-bit parameter's too (loads_param_bits).
-        if (has_master) load_raw(buffers.param, kParamBytes, entries, param_raw);
-      }
     }
 
     update_item(item, grad_raw, kGrad, values, group, scalars, has_scale, inv_loss_scale);
@@ -185,10 +178,7 @@ __device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t 
     }
 }
 
-// Two instantiations, two launches: the units of deferring sets carry the
-// deferral's registers (2 blocks an SM), the others do not (3 blocks an SM).
-template <bool kDeferring>
-__global__ void __launch_bounds__(UpdatePolicy::kThreads, kDeferring ? 2 : UpdatePolicy::kMinBlocksPerMultiprocessor)
+__global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBlocksPerMultiprocessor)
     fused_update(SelectionLaunch p, StepLaunch s) {
   if (*p.flags != 0u) return;  // a gradient is not finite: the step is a no-op
   const int64_t t = step_index(s.step_count, s.step);
@@ -205,7 +195,7 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads, kDeferring ? 2 : Updat
                                        UpdatePolicy::kPartsPerChunk);
     if (part.begin == part.end) continue;
     const UpdateWork work = update_work(p, s, c);
-    if (work.idle || work.defer != kDeferring) continue;
+    if (work.idle) continue;
     if (work.group != scalars_group) {  // the same in every thread: neighbouring chunks share a group
       scalars = step_scalars(s.groups[work.group], t);
       scalars_group = work.group;
@@ -219,11 +209,18 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads, kDeferring ? 2 : Updat
     // One instantiation per dtype pair.
     const uint32_t pair = tensor.dtype * 3u + buffers.param_dtype;
     const DeferralTarget deferral{p, c};
+    // Deferring units (large fp32 sets of a step) in their own instantiation,
+    // so that the others' loop carries none of its registers.
     const auto run = [&](auto grad_dtype, auto param_dtype) {
       constexpr uint32_t kGrad = decltype(grad_dtype)::value;
       constexpr uint32_t kParam = decltype(param_dtype)::value;
-      update_items<kGrad, kParam, kDeferring>(split, tensor.grad, buffers, work, group, scalars, has_scale,
-                                              inv_loss_scale, deferral);
+      if (work.defer) {
+        update_items<kGrad, kParam, true>(split, tensor.grad, buffers, work, group, scalars, has_scale,
+                                          inv_loss_scale, deferral);
+      } else {
+        update_items<kGrad, kParam, false>(split, tensor.grad, buffers, work, group, scalars, has_scale,
+                                           inv_loss_scale, deferral);
+      }
     };
     using F32 = DtypeConstant<kFloat32>;
     using F16 = DtypeConstant<kFloat16>;
@@ -308,23 +305,18 @@ cudaError_t launch_finish(const SelectionLaunch& selection, const StepLaunch& st
 
 cudaError_t configure_step_kernels(int multiprocessors, int* update_blocks) {
   int per_multiprocessor = 0;
-  const cudaError_t error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, fused_update<false>,
+  const cudaError_t error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, fused_update,
                                                                           UpdatePolicy::kThreads, 0);
   if (error != cudaSuccess) return error;
   *update_blocks = (per_multiprocessor < 1 ? 1 : per_multiprocessor) * multiprocessors;
   return cudaSuccess;
 }
 
-cudaError_t launch_update(const SelectionLaunch& selection, const StepLaunch& step, bool deferring_units,
-                          int update_blocks, cudaStream_t stream) {
+cudaError_t launch_update(const SelectionLaunch& selection, const StepLaunch& step, int update_blocks,
+                          cudaStream_t stream) {
   const uint64_t units = selection.chunk_count * UpdatePolicy::kPartsPerChunk;
   const uint32_t blocks = static_cast<uint32_t>(units < static_cast<uint64_t>(update_blocks) ? units : update_blocks);
-  fused_update<false><<<blocks < 1 ? 1 : blocks, UpdatePolicy::kThreads, 0, stream>>>(selection, step);
-  // Occupancy of the deferring instantiation: 2 blocks an SM, 2/3 of the grid.
-  if (deferring_units) {
-    const uint32_t deferring_blocks = blocks * 2 / 3 < 1 ? 1 : blocks * 2 / 3;
-    fused_update<true><<<deferring_blocks, UpdatePolicy::kThreads, 0, stream>>>(selection, step);
-  }
+  fused_update<<<blocks < 1 ? 1 : blocks, UpdatePolicy::kThreads, 0, stream>>>(selection, step);
   return cudaGetLastError();
 }
 

@@ -14,10 +14,8 @@ cudaError_t configure_step_kernels(int multiprocessors, int* update_blocks);
 // Enqueues the fused update on `stream`, after the selection launches and
 // before the outputs launch (which advances step_count). A no-op on the
 // device when selection found a non-finite gradient.
-// `deferring_units`: some large sets may defer their boundary bin
-// (SelectionSchedule::deferred); their units take a second launch.
-cudaError_t launch_update(const SelectionLaunch& selection, const StepLaunch& step, bool deferring_units,
-                          int update_blocks, cudaStream_t stream);
+cudaError_t launch_update(const SelectionLaunch& selection, const StepLaunch& step, int update_blocks,
+                          cudaStream_t stream);
 
 // Enqueues the settling of the entries the update deferred, after their
 // level pass (launch_deferred_level) and before the outputs launch.

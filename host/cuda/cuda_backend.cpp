@@ -221,7 +221,7 @@ class CudaBackend final : public Backend {
       // 20 KB is too much to copy onto the stack per call.
       std::lock_guard<std::mutex> lock(state.step_mutex);
       kernels::bind_step_call(plan.groups, call.args, &state.step);
-      error = kernels::launch_update(launch, state.step, schedule.deferred, occupancy_.update, stream);
+      error = kernels::launch_update(launch, state.step, occupancy_.update, stream);
       if (error != cudaSuccess) return cuda_failure("launching the fused update", error);
       if (schedule.deferred) {
         error = kernels::launch_deferred_level(launch, occupancy_, stream);
