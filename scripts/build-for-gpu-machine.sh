@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 
 cmake --preset gpu-machine
 cmake --build --preset gpu-machine
+# The GPU machine's copy of the tree may carry another .git HEAD: say what was built.
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results' || echo '+uncommitted changes')" \
+  >build-gpu/BUILT_FROM
 # Debian ships Google Benchmark only as libbenchmark.so.1debian; the GPU image has none.
 benchmark_library=$(ldd build-gpu/bench/gmtk_bench | awk '/libbenchmark/ {print $3}')
 # A rebuild finds the copy made last time through $ORIGIN: nothing to copy then.

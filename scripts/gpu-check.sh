@@ -33,7 +33,9 @@ run_step() {  # run_step NAME COMMAND...: logs output, notes the exit status
   return $status
 }
 
-note "gmtk GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+built_from=unknown
+if [ -n "$build" ] && [ -f "$build/BUILT_FROM" ]; then built_from=$(cat "$build/BUILT_FROM"); fi
+note "gmtk GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), tree commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), binaries built from $built_from"
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv \
   | tee -a "$summary"
 
