@@ -20,8 +20,13 @@ struct SelectionPolicy {
   // Pass B stages candidate keys in shared memory and appends them with one
   // global atomic per flush; one loop round adds at most one 16-byte vector
   // (4 fp32 keys) per thread.
+  static constexpr int kLevelPassItems = 2;  // items a thread keeps in flight in a level pass (pass A: 4)
   static constexpr uint32_t kStageKeys = 8192;
-  static constexpr uint32_t kStageFlushAt = kStageKeys - 2 * 4 * kHistogramThreads;
+  // A round of a gathering pass appends at most kLevelPassItems 16-byte
+  // vectors (4 fp32 keys each; 16-bit sets never gather) a thread: flushing
+  // above this leaves room for one more round.
+  static constexpr uint32_t kStageFlushAt = kStageKeys - kLevelPassItems * 4 * kHistogramThreads;
+  static_assert(kStageFlushAt > 0 && kStageFlushAt < kStageKeys, "a round must fit the stage");
 };
 
 // Up to 8 stored gradients of one item, zero-extended to 32 bits.
@@ -369,7 +374,7 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, 2)
     // integer operations (the loop is instruction-bound otherwise). Pass A,
     // the one full read of every pass, keeps 4 items a thread in flight; the
     // others 2 (the stage must hold a gathering round's appends).
-    constexpr int kItems = kPass == HistogramPass::level_0 ? 4 : 2;
+    constexpr int kItems = kPass == HistogramPass::level_0 ? 4 : SelectionPolicy::kLevelPassItems;
     switch (set.dtype) {
       case kFloat32: count_gradients<kFloat32, kMayGather, kItems>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
       case kFloat16: count_gradients<kFloat16, kMayGather, kItems>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
@@ -572,25 +577,34 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
   constexpr int kThreads = SelectionPolicy::kHistogramThreads;
   const auto resident = [](int blocks) { return static_cast<uint32_t>(blocks); };
 
+  // Each launch is checked before the next is queued: after a failed one,
+  // nothing that writes the caller's buffers (the mask) may follow.
   if (schedule.sample) {
     histogram_pass<HistogramPass::sample><<<grid_for(launch.large_chunks, resident(occupancy.sample_pass)), kThreads,
                                             kCountingShared, stream>>>(launch, launch.large_chunks);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
     scan_sample<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
   }
   if (schedule.pass_a) {
     histogram_pass<HistogramPass::level_0><<<grid_for(schedule.pass_a_chunks, resident(occupancy.pass_a)), kThreads,
                                              kCountingShared, stream>>>(launch, schedule.pass_a_chunks);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
   }
   if (schedule.large_scan) {
     scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, false);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
   }
   for (int level = 0; level < schedule.level_passes; ++level) {
     histogram_pass<HistogramPass::level><<<grid_for(launch.large_chunks, resident(occupancy.level_pass)), kThreads,
                                            kGatheringShared, stream>>>(launch, launch.large_chunks);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
     scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, false);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
   }
   if (schedule.small_sets) {
     select_small_sets<<<launch.small_set_count, SelectionPolicy::kSmallSetThreads, 0, stream>>>(launch);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
   }
   if (schedule.apply) {
     const uint32_t blocks = grid_for(launch.chunk_count, resident(occupancy.apply));
@@ -604,6 +618,8 @@ cudaError_t launch_deferred_level(const SelectionLaunch& launch, const Selection
   histogram_pass<HistogramPass::deferred><<<grid_for(launch.large_chunks, static_cast<uint32_t>(occupancy.level_pass)),
                                             SelectionPolicy::kHistogramThreads, kCountingShared, stream>>>(
       launch, launch.large_chunks);
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) return error;
   scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, true);
   return cudaGetLastError();
 }

@@ -96,7 +96,8 @@ SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& gro
       const SetRecord& set = tables.sets[s];
       if ((set.large != 0) != large || (large && (set.dtype == kFloat32) != fp32)) continue;
       const size_t before = tables.chunks.size();
-      append_chunks(tables, s, tuning.chunk_entries, &tables.chunks);
+      // Deferred positions pack the entry in its chunk in 16 bits (step_passes.hpp).
+      append_chunks(tables, s, std::min<uint64_t>(tuning.chunk_entries, uint64_t{1} << 16), &tables.chunks);
       tables.sets[s].chunk_count = static_cast<uint32_t>(tables.chunks.size() - before);
     }
   };

@@ -19,7 +19,8 @@ namespace gmtk::kernels {
 // schedule test also runs tiny ones so that every path (large sets, several
 // chunks per set, candidate overflow) shows up at small sizes.
 struct SelectionTuning {
-  uint64_t chunk_entries = uint64_t{1} << 16;         // a multiple of 8 (the 16-byte vector of 16-bit entries)
+  uint64_t chunk_entries = uint64_t{1} << 16;         // a multiple of 8 (the 16-byte vector of 16-bit entries),
+                                                      // at most 2^16 (a deferred entry's position keeps 16 bits of it)
   uint64_t small_set_limit_fp32 = uint64_t{1} << 18;  // fp32 sets below this run on one block
   uint64_t small_set_limit_16bit = uint64_t{1} << 21; // fp16/bf16 sets below this run on one block
   uint64_t candidate_share = 32;                      // a large fp32 set may gather n / 32 candidate keys

@@ -73,6 +73,15 @@ GMTK_HD double pow_double(double base, double exponent) {
   return std::pow(base, exponent);
 #endif
 }
+// lr * weight_decay rounded before the subtraction, as on the host: nvcc
+// would otherwise fuse 1 - lr * wd into one double FMA.
+GMTK_HD double mul_double_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 GMTK_HD double sqrt_double(double value) {
 #if defined(__CUDA_ARCH__)
   return sqrt(value);
@@ -169,7 +178,7 @@ GMTK_HD StepScalars step_scalars(const StepGroup& group, int64_t t) {
   s.lr = static_cast<float>(lr);
   s.step_size = static_cast<float>(lr / (1.0 - pow_double(group.beta1_double, step)));
   s.bias_correction2_sqrt = static_cast<float>(sqrt_double(1.0 - pow_double(group.beta2_double, step)));
-  s.decay_factor = static_cast<float>(1.0 - lr * group.weight_decay_double);
+  s.decay_factor = static_cast<float>(1.0 - mul_double_rn(lr, group.weight_decay_double));
   s.first_step = t == 1;
   return s;
 }

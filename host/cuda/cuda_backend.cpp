@@ -226,7 +226,13 @@ class CudaBackend final : public Backend {
       if (schedule.deferred) {
         error = kernels::launch_deferred_level(launch, occupancy_, stream);
         if (error == cudaSuccess) error = kernels::launch_finish(launch, state.step, occupancy_.update, stream);
-        if (error != cudaSuccess) return cuda_failure("launching the deferred entries' passes", error);
+        // The update is queued already: say so rather than pretend nothing changed.
+        if (error != cudaSuccess) {
+          return cuda_failure(
+              "launching the deferred entries' passes (the update of every other entry was already queued: the "
+              "step is partly applied and its outputs are not written)",
+              error);
+        }
       }
     }
     error = kernels::launch_selection_outputs(launch, occupancy_, stream);
