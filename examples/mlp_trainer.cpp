@@ -6,8 +6,7 @@
 // on the host; the optimizer step runs on the CUDA backend when it can, else on
 // the CPU reference backend (--backend=cpu|cuda|auto, default auto). In auto
 // mode it says why it falls back: no usable CUDA device, or a first step that
-// the CUDA backend refused (GMTK_ERROR_NOT_SUPPORTED in builds whose CUDA
-// backend has no fused update yet).
+// the CUDA backend refused (for example a device this build has no code for).
 #include <gmtk/gmtk.h>
 
 #include <cuda_runtime_api.h>
