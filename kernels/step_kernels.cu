@@ -108,6 +108,40 @@ __device__ __forceinline__ void defer_entries(const ItemPlan& item, const uint32
   }
 }
 
+// Loads an item's parameter (the master when there is one, else the stored
+// parameter widened) and its state; the stored parameter bits too when asked.
+__device__ __forceinline__ void load_item_state(const StepTensorRecord& buffers, uint32_t param_bytes,
+                                                uint32_t param_dtype, Range entries, bool param_bits,
+                                                uint32_t* param_raw, EntryValues* values) {
+  if (param_bits) load_raw(buffers.param, param_bytes, entries, param_raw);
+  if (buffers.master != 0) {
+    load_state<&EntryValues::param>(buffers.master, entries, values);
+  } else {
+#pragma unroll
+    for (uint32_t e = 0; e < kStepVectorEntries; ++e) values[e].param = gradient_to_float(param_raw[e], param_dtype);
+  }
+  if (buffers.exp_avg != 0) load_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
+  if (buffers.exp_avg_sq != 0) load_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
+  if (buffers.max_exp_avg_sq != 0) load_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
+}
+
+// Stores an updated item: the parameter (entries left alone keep their
+// loaded bits), the master and the state.
+__device__ __forceinline__ void store_item_state(const StepTensorRecord& buffers, uint32_t param_bytes,
+                                                 uint32_t param_dtype, Range entries, const ItemPlan& item,
+                                                 uint32_t* param_raw, const EntryValues* values) {
+#pragma unroll
+  for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
+    param_raw[e] = param_bits_to_store(e < item.count ? item.fate[e] : EntryFate::skip, param_raw[e],
+                                       values[e].param, param_dtype);
+  }
+  store_raw(buffers.param, param_bytes, entries, param_raw);
+  if (buffers.master != 0) store_state<&EntryValues::param>(buffers.master, entries, values);
+  if (buffers.exp_avg != 0) store_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
+  if (buffers.exp_avg_sq != 0) store_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
+  if (buffers.max_exp_avg_sq != 0) store_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
+}
+
 template <uint32_t kDtype>
 struct DtypeConstant {
   static constexpr uint32_t value = kDtype;
@@ -129,22 +163,8 @@ __device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t 
     EntryValues values[kStepVectorEntries] = {};
     uint32_t param_raw[kStepVectorEntries] = {};
     const bool has_master = buffers.master != 0;
-    // Loads the item's parameter (or master) and state.
-    const auto load_item_state = [&](bool param_bits) {
-      if (param_bits) load_raw(buffers.param, kParamBytes, entries, param_raw);
-      if (has_master) {
-        load_state<&EntryValues::param>(buffers.master, entries, values);
-      } else {
-#pragma unroll
-        for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
-          values[e].param = gradient_to_float(param_raw[e], kParam);
-        }
-      }
-      if (buffers.exp_avg != 0) load_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
-      if (buffers.exp_avg_sq != 0) load_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
-      if (buffers.max_exp_avg_sq != 0) {
-        load_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
-      }
+    const auto load_item_state_now = [&](bool param_bits) {
+      load_item_state(buffers, kParamBytes, kParam, entries, param_bits, param_raw, values);
     };
     load_raw(grad, kGradBytes, entries, grad_raw);
     ItemPlan item;
@@ -154,28 +174,16 @@ __device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t 
       item = plan_item(grad_raw, count, kGrad, work);
       if (kDefer && item.deferred != 0) defer_entries(item, grad_raw, kGrad, entries, deferral);
       if (!item.touches_state) continue;
-      load_item_state(loads_param_bits(item, has_master));
+      load_item_state_now(loads_param_bits(item, has_master));
     } else {
       // Every entry is updated: all loads of the item are in flight at once.
-      load_item_state(!has_master);
+      load_item_state_now(!has_master);
       item = plan_item(grad_raw, count, kGrad, work);
     }
 
     update_item(item, grad_raw, kGrad, values, group, scalars, has_scale, inv_loss_scale);
-
-#pragma unroll
-    for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
-      param_raw[e] = param_bits_to_store(e < count ? item.fate[e] : EntryFate::skip, param_raw[e],
-                                         values[e].param, kParam);
-    }
-    store_raw(buffers.param, kParamBytes, entries, param_raw);
-    if (has_master) store_state<&EntryValues::param>(buffers.master, entries, values);
-    if (buffers.exp_avg != 0) store_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
-    if (buffers.exp_avg_sq != 0) store_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
-    if (buffers.max_exp_avg_sq != 0) {
-      store_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
-    }
-    }
+    store_item_state(buffers, kParamBytes, kParam, entries, item, param_raw, values);
+  }
 }
 
 __global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBlocksPerMultiprocessor)
@@ -252,9 +260,6 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads) finish_deferred(Select
     const StepGroup& group = s.groups[work.group];
     const StepScalars scalars = step_scalars(group, t);
     const SetRecord set = p.sets[p.chunks[c].set];
-    UpdateWork settle{};
-    settle.freeze = work.freeze;
-    settle.min_kept_key = work.min_kept_key;
     for (uint64_t j = work.candidates.begin + threadIdx.x; j < work.candidates.end; j += blockDim.x) {
       const unsigned long long position = p.deferred_positions[set.deferral_offset + j];
       const ChunkRecord home = p.chunks[deferred_chunk(position)];
@@ -264,31 +269,15 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads) finish_deferred(Select
       const Range entries{entry, entry + 1};
       uint32_t grad_raw[kStepVectorEntries] = {};
       load_raw(tensor.grad, dtype_bytes(tensor.dtype), entries, grad_raw);
-      const ItemPlan item = plan_item(grad_raw, 1, tensor.dtype, settle);
+      const ItemPlan item = plan_item(grad_raw, 1, tensor.dtype, work.settle);
       if (!item.touches_state) continue;
       EntryValues values[kStepVectorEntries] = {};
       uint32_t param_raw[kStepVectorEntries] = {};
-      const bool has_master = buffers.master != 0;
-      if (!has_master) {
-        load_raw(buffers.param, dtype_bytes(buffers.param_dtype), entries, param_raw);
-        values[0].param = gradient_to_float(param_raw[0], buffers.param_dtype);
-      } else {
-        load_state<&EntryValues::param>(buffers.master, entries, values);
-      }
-      if (buffers.exp_avg != 0) load_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
-      if (buffers.exp_avg_sq != 0) load_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
-      if (buffers.max_exp_avg_sq != 0) {
-        load_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
-      }
+      const uint32_t param_bytes = dtype_bytes(buffers.param_dtype);
+      load_item_state(buffers, param_bytes, buffers.param_dtype, entries,
+                      loads_param_bits(item, buffers.master != 0), param_raw, values);
       update_item(item, grad_raw, tensor.dtype, values, group, scalars, has_scale, inv_loss_scale);
-      param_raw[0] = param_bits_to_store(item.fate[0], param_raw[0], values[0].param, buffers.param_dtype);
-      store_raw(buffers.param, dtype_bytes(buffers.param_dtype), entries, param_raw);
-      if (has_master) store_state<&EntryValues::param>(buffers.master, entries, values);
-      if (buffers.exp_avg != 0) store_state<&EntryValues::exp_avg>(buffers.exp_avg, entries, values);
-      if (buffers.exp_avg_sq != 0) store_state<&EntryValues::exp_avg_sq>(buffers.exp_avg_sq, entries, values);
-      if (buffers.max_exp_avg_sq != 0) {
-        store_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
-      }
+      store_item_state(buffers, param_bytes, buffers.param_dtype, entries, item, param_raw, values);
     }
   }
 }

@@ -57,10 +57,9 @@ GMTK_HD uint64_t deferred_entry_in_chunk(unsigned long long position) { return p
 // settled with the set's exact threshold (empty unless the set deferred).
 struct FinishWork {
   bool idle;
-  Range candidates;  // into the set's candidate and deferral regions
+  Range candidates;   // into the set's candidate and deferral regions
   uint32_t group;
-  bool freeze;
-  uint32_t min_kept_key;
+  UpdateWork settle;  // the entries' fates under the set's exact threshold
 };
 
 GMTK_HD FinishWork finish_work(const SelectionLaunch& p, const StepLaunch& s, uint64_t c) {
@@ -76,8 +75,9 @@ GMTK_HD FinishWork finish_work(const SelectionLaunch& p, const StepLaunch& s, ui
   work.candidates = candidate_slice(gathered, chunk.ordinal, set.chunk_count);
   work.idle = work.candidates.begin == work.candidates.end;
   work.group = set.group;
-  work.freeze = (s.groups[set.group].flags & kFreeze) != 0;
-  work.min_kept_key = state.prefix;
+  work.settle.group = set.group;
+  work.settle.freeze = (s.groups[set.group].flags & kFreeze) != 0;
+  work.settle.min_kept_key = state.prefix;
   return work;
 }
 

@@ -384,31 +384,11 @@ class HostSelectionEngine {
         }
         EntryValues values[kStepVectorEntries] = {};
         uint32_t param_raw[kStepVectorEntries] = {};
-        const bool has_master = buffers.master != 0;
-        if (loads_param_bits(item, has_master)) {
-          if (has_master) ++trace_.param_bits_loaded_with_master;
-          for (uint32_t e = 0; e < count; ++e) {
-            param_raw[e] = load_raw(buffers.param, buffers.param_dtype, entries.begin + e);
-          }
-        }
-        for (uint32_t e = 0; e < count; ++e) {
-          const uint64_t entry = entries.begin + e;
-          values[e].param = has_master ? load_float(buffers.master, entry)
-                                       : gradient_to_float(param_raw[e], buffers.param_dtype);
-          if (buffers.exp_avg != 0) values[e].exp_avg = load_float(buffers.exp_avg, entry);
-          if (buffers.exp_avg_sq != 0) values[e].exp_avg_sq = load_float(buffers.exp_avg_sq, entry);
-          if (buffers.max_exp_avg_sq != 0) values[e].max_exp_avg_sq = load_float(buffers.max_exp_avg_sq, entry);
-        }
+        const bool param_bits = loads_param_bits(item, buffers.master != 0);
+        if (param_bits && buffers.master != 0) ++trace_.param_bits_loaded_with_master;
+        load_item_state(buffers, entries, param_bits, param_raw, values);
         update_item(item, grad_raw, tensor.dtype, values, group, scalars, has_scale, inv_loss_scale);
-        for (uint32_t e = 0; e < count; ++e) {
-          const uint64_t entry = entries.begin + e;
-          store_raw(buffers.param, buffers.param_dtype, entry,
-                    param_bits_to_store(item.fate[e], param_raw[e], values[e].param, buffers.param_dtype));
-          if (has_master) store_float(buffers.master, entry, values[e].param);
-          if (buffers.exp_avg != 0) store_float(buffers.exp_avg, entry, values[e].exp_avg);
-          if (buffers.exp_avg_sq != 0) store_float(buffers.exp_avg_sq, entry, values[e].exp_avg_sq);
-          if (buffers.max_exp_avg_sq != 0) store_float(buffers.max_exp_avg_sq, entry, values[e].max_exp_avg_sq);
-        }
+        store_item_state(buffers, entries, item, param_raw, values);
       }
     }
   }
@@ -430,9 +410,6 @@ class HostSelectionEngine {
       const StepGroup& group = s.groups[work.group];
       const StepScalars scalars = step_scalars(group, t);
       const SetRecord set = p.sets[p.chunks[c].set];
-      UpdateWork settle{};
-      settle.freeze = work.freeze;
-      settle.min_kept_key = work.min_kept_key;
       for (uint64_t j = work.candidates.begin; j < work.candidates.end; ++j) {
         const unsigned long long position = p.deferred_positions[set.deferral_offset + j];
         const ChunkRecord home = p.chunks[deferred_chunk(position)];
@@ -440,28 +417,42 @@ class HostSelectionEngine {
         const StepTensorRecord buffers = s.tensors[home.tensor];
         const uint64_t entry = home.begin + deferred_entry_in_chunk(position);
         uint32_t grad_raw[kStepVectorEntries] = {load_raw(tensor.grad, tensor.dtype, entry), 0, 0, 0};
-        const ItemPlan item = plan_item(grad_raw, 1, tensor.dtype, settle);
+        const ItemPlan item = plan_item(grad_raw, 1, tensor.dtype, work.settle);
         if (!item.touches_state) continue;
         EntryValues values[kStepVectorEntries] = {};
         uint32_t param_raw[kStepVectorEntries] = {};
-        const bool has_master = buffers.master != 0;
-        if (!has_master) {
-          param_raw[0] = load_raw(buffers.param, buffers.param_dtype, entry);
-          values[0].param = gradient_to_float(param_raw[0], buffers.param_dtype);
-        } else {
-          values[0].param = load_float(buffers.master, entry);
-        }
-        if (buffers.exp_avg != 0) values[0].exp_avg = load_float(buffers.exp_avg, entry);
-        if (buffers.exp_avg_sq != 0) values[0].exp_avg_sq = load_float(buffers.exp_avg_sq, entry);
-        if (buffers.max_exp_avg_sq != 0) values[0].max_exp_avg_sq = load_float(buffers.max_exp_avg_sq, entry);
+        const Range entries{entry, entry + 1};
+        load_item_state(buffers, entries, loads_param_bits(item, buffers.master != 0), param_raw, values);
         update_item(item, grad_raw, tensor.dtype, values, group, scalars, has_scale, inv_loss_scale);
-        store_raw(buffers.param, buffers.param_dtype, entry,
-                  param_bits_to_store(item.fate[0], param_raw[0], values[0].param, buffers.param_dtype));
-        if (has_master) store_float(buffers.master, entry, values[0].param);
-        if (buffers.exp_avg != 0) store_float(buffers.exp_avg, entry, values[0].exp_avg);
-        if (buffers.exp_avg_sq != 0) store_float(buffers.exp_avg_sq, entry, values[0].exp_avg_sq);
-        if (buffers.max_exp_avg_sq != 0) store_float(buffers.max_exp_avg_sq, entry, values[0].max_exp_avg_sq);
+        store_item_state(buffers, entries, item, param_raw, values);
       }
+    }
+  }
+
+  // load_item_state / store_item_state (step_kernels.cu), entry by entry.
+  static void load_item_state(const StepTensorRecord& buffers, Range entries, bool param_bits, uint32_t* param_raw,
+                              EntryValues* values) {
+    for (uint64_t entry = entries.begin; entry < entries.end; ++entry) {
+      const uint64_t e = entry - entries.begin;
+      if (param_bits) param_raw[e] = load_raw(buffers.param, buffers.param_dtype, entry);
+      values[e].param = buffers.master != 0 ? load_float(buffers.master, entry)
+                                            : gradient_to_float(param_raw[e], buffers.param_dtype);
+      if (buffers.exp_avg != 0) values[e].exp_avg = load_float(buffers.exp_avg, entry);
+      if (buffers.exp_avg_sq != 0) values[e].exp_avg_sq = load_float(buffers.exp_avg_sq, entry);
+      if (buffers.max_exp_avg_sq != 0) values[e].max_exp_avg_sq = load_float(buffers.max_exp_avg_sq, entry);
+    }
+  }
+
+  static void store_item_state(const StepTensorRecord& buffers, Range entries, const ItemPlan& item,
+                               const uint32_t* param_raw, const EntryValues* values) {
+    for (uint64_t entry = entries.begin; entry < entries.end; ++entry) {
+      const uint64_t e = entry - entries.begin;
+      store_raw(buffers.param, buffers.param_dtype, entry,
+                param_bits_to_store(item.fate[e], param_raw[e], values[e].param, buffers.param_dtype));
+      if (buffers.master != 0) store_float(buffers.master, entry, values[e].param);
+      if (buffers.exp_avg != 0) store_float(buffers.exp_avg, entry, values[e].exp_avg);
+      if (buffers.exp_avg_sq != 0) store_float(buffers.exp_avg_sq, entry, values[e].exp_avg_sq);
+      if (buffers.max_exp_avg_sq != 0) store_float(buffers.max_exp_avg_sq, entry, values[e].max_exp_avg_sq);
     }
   }
 
