@@ -244,7 +244,6 @@ __device__ __forceinline__ void gather_gradients(const GradientChunk& g, const V
                                                  unsigned long long* stage_base, bool* non_finite, uint32_t* above) {
   const ChunkWork& work = g.work;
   constexpr uint32_t kPerVector = 16u / (kDtype == kFloat32 ? 4u : 2u);
-  const bool gather = true;
   // kItems items a thread per round, all loads in flight before any is counted.
   for (uint64_t round = 0; round < split.items(); round += kItems * blockDim.x) {
     PackedItem items[kItems];
@@ -271,7 +270,7 @@ __device__ __forceinline__ void gather_gradients(const GradientChunk& g, const V
         }
       }
       run.flush(histogram);
-      if (gather && matched != 0) {
+      if (matched != 0) {
         // One reservation in the stage per item, then the keys in order.
         uint32_t slot = atomicAdd(stage_count, matched);
 #pragma unroll
@@ -282,16 +281,14 @@ __device__ __forceinline__ void gather_gradients(const GradientChunk& g, const V
         }
       }
     }
-    if (gather) {
-      // Every append of this round lands before any thread reads the count,
-      // and all threads take the same decision before the next round appends.
-      __syncthreads();
-      if (__syncthreads_or(*stage_count > SelectionPolicy::kStageFlushAt)) {
-        flush_stage(stage, stage_count, stage_base, g.state, g.region, g.capacity);
-      }
+    // Every append of this round lands before any thread reads the count,
+    // and all threads take the same decision before the next round appends.
+    __syncthreads();
+    if (__syncthreads_or(*stage_count > SelectionPolicy::kStageFlushAt)) {
+      flush_stage(stage, stage_count, stage_base, g.state, g.region, g.capacity);
     }
   }
-  if (gather) flush_stage(stage, stage_count, stage_base, g.state, g.region, g.capacity);
+  flush_stage(stage, stage_count, stage_base, g.state, g.region, g.capacity);
 }
 
 // Counts a chunk's gradient keys into the shared histogram (keys above a
