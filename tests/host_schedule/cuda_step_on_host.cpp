@@ -302,6 +302,24 @@ gmtkStepArgs_t step_args(CallOutputs& out, const StepCase& c, int step, const fl
   return args;
 }
 
+// Sums the traces of a case's steps (or of several cases).
+void add(EngineTrace& total, const EngineTrace& trace) {
+  total.update_ran = total.update_ran || trace.update_ran;
+  total.launches = std::max(total.launches, trace.launches);
+  total.idle_chunks += trace.idle_chunks;
+  total.vector_items += trace.vector_items;
+  total.scalar_items += trace.scalar_items;
+  total.untouched_items += trace.untouched_items;
+  total.entries_updated += trace.entries_updated;
+  total.entries_fed_zero += trace.entries_fed_zero;
+  total.entries_frozen += trace.entries_frozen;
+  total.param_bits_loaded_with_master += trace.param_bits_loaded_with_master;
+  total.large_sets_selected += trace.large_sets_selected;
+  total.small_sets_selected += trace.small_sets_selected;
+  total.entries_deferred += trace.entries_deferred;
+  total.sets_deferring += trace.sets_deferring;
+}
+
 // Runs a case's steps on the CPU reference and on the host-run CUDA schedule
 // (under `tuning`) from the same bytes, comparing after every step. Returns
 // the engine's traces, summed.
@@ -369,20 +387,7 @@ EngineTrace run_case(const StepCase& c, const SelectionTuning& tuning) {
       break;  // later steps would only repeat it
     }
 
-    total.launches = std::max(total.launches, trace.launches);
-    total.update_ran = total.update_ran || trace.update_ran;
-    total.idle_chunks += trace.idle_chunks;
-    total.vector_items += trace.vector_items;
-    total.scalar_items += trace.scalar_items;
-    total.untouched_items += trace.untouched_items;
-    total.entries_updated += trace.entries_updated;
-    total.entries_fed_zero += trace.entries_fed_zero;
-    total.entries_frozen += trace.entries_frozen;
-    total.param_bits_loaded_with_master += trace.param_bits_loaded_with_master;
-    total.large_sets_selected += trace.large_sets_selected;
-    total.small_sets_selected += trace.small_sets_selected;
-    total.entries_deferred += trace.entries_deferred;
-    total.sets_deferring += trace.sets_deferring;
+    add(total, trace);
   }
   gmtkPlanDestroy(plan);
   gmtkHandleDestroy(handle);
@@ -400,22 +405,6 @@ SelectionTuning tiny_tuning() {
   return tuning;
 }
 
-void add(EngineTrace& total, const EngineTrace& trace) {
-  total.update_ran = total.update_ran || trace.update_ran;
-  total.launches = std::max(total.launches, trace.launches);
-  total.idle_chunks += trace.idle_chunks;
-  total.vector_items += trace.vector_items;
-  total.scalar_items += trace.scalar_items;
-  total.untouched_items += trace.untouched_items;
-  total.entries_updated += trace.entries_updated;
-  total.entries_fed_zero += trace.entries_fed_zero;
-  total.entries_frozen += trace.entries_frozen;
-  total.param_bits_loaded_with_master += trace.param_bits_loaded_with_master;
-  total.large_sets_selected += trace.large_sets_selected;
-  total.small_sets_selected += trace.small_sets_selected;
-  total.entries_deferred += trace.entries_deferred;
-  total.sets_deferring += trace.sets_deferring;
-}
 
 // ---- The cases ------------------------------------------------------------------------
 
