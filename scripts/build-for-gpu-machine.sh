@@ -18,6 +18,20 @@ benchmark_library=$(ldd build-gpu/bench/gmtk_bench | awk '/libbenchmark/ {print 
 if [ "$(realpath "$benchmark_library")" != "$(realpath -m build-gpu/bench/"$(basename "$benchmark_library")")" ]; then
   cp -L "$benchmark_library" build-gpu/bench/
 fi
+# The Python package for the GPU image's python3 (3.12), built here against
+# build-gpu's library and installed as a plain folder, build-gpu/python
+# (PYTHONPATH there); the image has torch, numpy and pytest.
+gpu_python=${GMTK_GPU_PYTHON:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python3.12)}
+if [ -x "$gpu_python" ]; then
+  [ -x .venv-gpu-python/bin/python ] || "$gpu_python" -m venv .venv-gpu-python
+  .venv-gpu-python/bin/python -m pip install -q -r python_bindings_optional/requirements-test.txt
+  rm -rf build-gpu/python
+  .venv-gpu-python/bin/python -m pip install -q --no-build-isolation --no-deps --target build-gpu/python \
+    ./python_bindings_optional --config-settings=cmake.define.gmtk_DIR="$PWD/build-gpu" \
+    --config-settings=build-dir="$PWD/build-gpu-python"
+else
+  echo "build-for-gpu-machine: no python3.12 here: the Python package will not travel" >&2
+fi
 mkdir -p .carry
 if [ -f ../shared/tools/torch_anchors.py ]; then cp ../shared/tools/torch_anchors.py .carry/; fi
 # The independent differential test (../shared/acceptance), beside the library it tests.

@@ -11,7 +11,8 @@
 #   (needs Catch2 and Google Benchmark on this machine).
 #
 # Writes (few files, as the device tool returns at most 8): check.log (all
-# steps), summary.txt, bench.json, ratios.json, anchors.json.
+# steps), summary.txt, bench.json, ratios.json, anchors.json,
+# compare_torch.json and compare_torch.png.
 set -uo pipefail
 out=${1:?usage: scripts/gpu-check.sh OUTDIR [BUILD_DIR]}
 build=${2:-}
@@ -66,6 +67,17 @@ run_step bench timeout 300 "$build"/bench/gmtk_bench --benchmark_filter='^gpu/' 
 sed -n '/^Ratios measured/,$p' "$log" >>"$summary"
 if [ -f .carry/torch_anchors.py ]; then
   run_step torch_anchors timeout 120 python3 .carry/torch_anchors.py "$out" 2
+fi
+# The Python package (built by scripts/build-for-gpu-machine.sh): its tests,
+# CUDA cases included, and the comparison with PyTorch's own ways of GMT.
+if [ -d "$build/python/gmtk" ]; then
+  run_step python_tests timeout 180 env PYTHONPATH="$build/python" python3 -m pytest -q -ra -p no:cacheprovider \
+    python_bindings_optional/tests
+  run_step compare_torch timeout 240 env PYTHONPATH="$build/python" PYTHONUNBUFFERED=1 python3 bench/compare_torch.py --budget 8 \
+    --json "$out/compare_torch.json" --plot "$out/compare_torch.png"
+  sed -n '/^==== compare_torch/,$p' "$log" >>"$summary"
+else
+  note "no $build/python: the Python package's tests and bench/compare_torch.py not run"
 fi
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # KINDS.md: works on Firecracker machines, refuses the device on gVisor ones.
