@@ -65,6 +65,7 @@ const char* device_type_name(int device_type) {
 template <typename AnyArray>
 void check_contiguous(const AnyArray& array, const std::string& name) {
   if (array.stride_ptr() == nullptr) return;  // DLPack: compact row-major
+  if (array.size() == 0) return;              // no entries, no layout (numpy gives fresh empty arrays stride 0)
   int64_t expected = 1;
   for (size_t i = array.ndim(); i-- > 0;) {
     if (array.shape(i) != 1 && array.stride(i) != expected)
