@@ -151,9 +151,9 @@ def threshold_of(absvals, ratio):
     n = 0); T = +inf when k == 0.
     """
     n = absvals.numel()
-    masked = int(ratio * n)
-    k = n - masked
-    if masked == 0:
+    n_masked = int(ratio * n)
+    k = n - n_masked
+    if n_masked == 0:
         return 0.0
     if k == 0:
         return math.inf
@@ -1052,21 +1052,22 @@ def test_groups_with_different_scope_mode_and_ratio(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scope", ["per_tensor", "global"])
-def test_bf16_master_weights_follow_fp32_run(scope, device):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16bit_master_weights_follow_fp32_run(dtype, scope, device):
     hp = dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1)
     ratio = 0.5
-    m16 = make_model(device, dtype=torch.bfloat16)
+    m16 = make_model(device, dtype=dtype)
     m32 = copy.deepcopy(m16).float()  # the same values, widened exactly
     p16, p32 = list(m16.parameters()), list(m32.parameters())
     opt16 = gmtk_opt("AdamW", p16, mask_ratio=ratio, scope=scope, master_weights=True, **hp)
     opt32 = gmtk_opt("AdamW", p32, mask_ratio=ratio, scope=scope, **hp)
     ref = Reference("AdamW", p32, **hp)
-    for step, batch in enumerate(make_batches(device, 5, dtype=torch.bfloat16), start=1):
+    for step, batch in enumerate(make_batches(device, 5, dtype=dtype), start=1):
         opt16.zero_grad()
         opt32.zero_grad()
         loss_of(m16, batch).backward()
         grads = [p.grad.detach().clone() for p in p16]
-        assert all(g.dtype == torch.bfloat16 for g in grads)
+        assert all(g.dtype == dtype for g in grads)
         for p, g in zip(p32, grads):
             p.grad = g.float()  # exact
         ts, keeps, counts = select(grads, ratio, scope)
@@ -1078,7 +1079,7 @@ def test_bf16_master_weights_follow_fp32_run(scope, device):
         compare_to_reference(opt32, p32, ref, device, f"fp32 run step {step}")
         for i, (a, b) in enumerate(zip(p16, p32)):
             st = opt16.state[a]
-            assert a.dtype == torch.bfloat16
+            assert a.dtype == dtype
             master = st["master_param"]
             assert master.dtype == F32 and master.shape == a.shape
             for k in ("exp_avg", "exp_avg_sq"):
@@ -1087,7 +1088,7 @@ def test_bf16_master_weights_follow_fp32_run(scope, device):
                                  f"step {step}: {k} of param {i}")
             assert_close_tol(master, b, _ref_tol(device), f"step {step}: master {i}")
             # the 16-bit parameter is the master rounded to nearest-even
-            assert_same_bits(a, master.to(torch.bfloat16), f"bf16 param {i} from master")
+            assert_same_bits(a, master.to(dtype), f"16-bit param {i} from master")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1116,6 +1117,33 @@ def test_bf16_without_master_weights(device):
                              _ref_tol(device), f"step {step}: exp_avg of param {i}")
             if device == "cpu":
                 assert_same_bits(p, ref.params[i].to(torch.bfloat16), f"step {step}: param {i}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_master_weights_state_dict_round_trip(device):
+    # docs/python.md: master_param is part of the state (fp32); a gmtk -> gmtk
+    # round trip restores it, so continuing is bit-identical.
+    hp = dict(lr=1e-2, weight_decay=0.1)
+    m16 = make_model(device, dtype=torch.bfloat16)
+    p16 = list(m16.parameters())
+    opt = gmtk_opt("AdamW", p16, mask_ratio=0.5, master_weights=True, **hp)
+    batches = make_batches(device, 4, dtype=torch.bfloat16)
+    _drive([(p16, opt)], batches[:2], m16)
+    sd = _roundtrip(opt.state_dict())
+    for i in range(len(p16)):
+        assert sd["state"][i]["master_param"].dtype == F32
+        assert sd["state"][i]["exp_avg"].dtype == F32
+    m2 = copy.deepcopy(m16)
+    p2 = list(m2.parameters())
+    opt2 = gmtk_opt("AdamW", p2, mask_ratio=0.5, master_weights=True, **hp)
+    opt2.load_state_dict(sd)
+    for p, q in zip(p16, p2):
+        assert_same_bits(opt2.state[q]["master_param"], opt.state[p]["master_param"], "loaded")
+    _drive([(p16, opt), (p2, opt2)], batches[2:], m16)
+    for i, (p, q) in enumerate(zip(p16, p2)):
+        assert_same_bits(q, p, f"param {i}")
+        for k in ("master_param", "exp_avg", "exp_avg_sq"):
+            assert_same_bits(opt2.state[q][k], opt.state[p][k], f"{k} {i}")
 
 
 # ----------------------------------------------------------------------------
