@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=$(realpath "${1:-build}")
-python=.venv/bin/python
+python="$PWD/.venv/bin/python"  # absolute, not resolved: the venv is in the path itself
 if [ ! -x "$python" ]; then
   echo "python-tests: no .venv; run scripts/setup.sh first" >&2
   exit 1
