@@ -5,9 +5,12 @@
 #include <exception>
 #include <memory>
 #include <new>
+#include <vector>
 
 #include "backend.hpp"
+#include "comm.hpp"
 #include "plan.hpp"
+#include "shards.hpp"
 #include "status.hpp"
 #include "validate.hpp"
 
@@ -27,28 +30,63 @@ gmtkStatus_t guarded(Body&& body) noexcept {
   }
 }
 
+// Everything a call checks before it runs; fills `call`.
+gmtkStatus_t check_call(gmtkPlan& plan, Operation operation, const gmtkStepArgs_t* args, void* workspace,
+                        size_t workspace_bytes, gmtkStream_t stream, Call* call) {
+  GMTK_CHECK(validate_call_arguments(plan, operation, args, workspace, workspace_bytes, stream, call));
+  // The walk over every tensor only when the plan's kept answer says a buffer is missing (for the message).
+  if (operation == Operation::step && !plan.step_buffers_complete) GMTK_CHECK(check_step_buffers(plan));
+  Backend& backend = *plan.backend;
+  GMTK_CHECK(backend.check_reachable(call->buffers, call->buffer_count));
+  if (plan.owned_workspace != nullptr && workspace == nullptr) {
+    call->workspace = plan.owned_workspace;
+    call->workspace_bytes = plan.owned_workspace_bytes;
+    return GMTK_SUCCESS;
+  }
+  size_t required = 0;
+  GMTK_CHECK(backend.workspace_size(plan, &required));
+  if (workspace_bytes < required) {
+    return fail(GMTK_ERROR_INSUFFICIENT_WORKSPACE,
+                "workspace_bytes is %zu; this plan needs %zu (gmtkPlanGetWorkspaceSize)", workspace_bytes, required);
+  }
+  return GMTK_SUCCESS;
+}
+
 gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepArgs_t* args, void* workspace,
                            size_t workspace_bytes, gmtkStream_t stream) {
   GMTK_REQUIRE(plan != nullptr, "plan is NULL");
   Call call{};
-  GMTK_CHECK(validate_call_arguments(*plan, operation, args, workspace, workspace_bytes, stream, &call));
-  // The walk over every tensor only when the plan's kept answer says a buffer is missing (for the message).
-  if (operation == Operation::step && !plan->step_buffers_complete) GMTK_CHECK(check_step_buffers(*plan));
-  Backend& backend = *plan->backend;
-  GMTK_CHECK(backend.check_reachable(call.buffers, call.buffer_count));
-  if (plan->owned_workspace != nullptr && workspace == nullptr) {
-    call.workspace = plan->owned_workspace;
-    call.workspace_bytes = plan->owned_workspace_bytes;
-  } else {
-    size_t required = 0;
-    GMTK_CHECK(backend.workspace_size(*plan, &required));
-    if (workspace_bytes < required) {
-      return fail(GMTK_ERROR_INSUFFICIENT_WORKSPACE,
-                  "workspace_bytes is %zu; this plan needs %zu (gmtkPlanGetWorkspaceSize)", workspace_bytes,
-                  required);
-    }
+  gmtkStatus_t status = check_call(*plan, operation, args, workspace, workspace_bytes, stream, &call);
+  // A sharded plan's call is collective: a rank refused here still meets the
+  // others, so that all of them fail instead of waiting for it.
+  if (plan->comm != nullptr) status = agree_on_call(*plan, operation, status);
+  if (status != GMTK_SUCCESS) return status;
+  return plan->backend->run(*plan, call);
+}
+
+// What gmtkPlanCreate checks and builds on this rank.
+gmtkStatus_t create_plan(gmtkHandle_t handle, const gmtkPlanConfig_t* config, gmtkPlan* created) {
+  GMTK_REQUIRE(handle != nullptr, "handle is NULL");
+  created->backend = handle->backend;
+  GMTK_CHECK(build_plan(config, created));
+  if (created->comm != nullptr && created->backend->kind() == GMTK_BACKEND_CUDA) {
+    return fail(GMTK_ERROR_NOT_SUPPORTED,
+                "config->comm is set on a CUDA handle: sharded plans run on the CPU reference backend (through "
+                "gmtkCommCreateInProcess) in this build; the NCCL path is not implemented yet");
   }
-  return backend.run(*plan, call);
+  created->step_buffers_complete = step_buffers_complete(*created);
+  Backend& backend = *created->backend;
+  GMTK_CHECK(backend.check_reachable(created->sorted_buffers.data(), created->sorted_buffers.size()));
+  GMTK_CHECK(backend.check_reachable(created->sorted_scalars.data(), created->sorted_scalars.size()));
+  GMTK_CHECK(backend.prepare_plan(*created));
+  if (created->comm != nullptr) created->call_verdicts.resize(2 * static_cast<size_t>(created->comm->size()));
+  if (config->flags & GMTK_PLAN_ALLOCATE_WORKSPACE) {
+    size_t bytes = 0;
+    GMTK_CHECK(backend.workspace_size(*created, &bytes));
+    if (bytes > 0) GMTK_CHECK(backend.allocate_workspace(bytes, &created->owned_workspace));
+    created->owned_workspace_bytes = bytes;
+  }
+  return GMTK_SUCCESS;
 }
 
 }  // namespace
@@ -139,23 +177,55 @@ gmtkStatus_t gmtkGroupConfigInit(gmtkGroupConfig_t* config, gmtkOptimizer_t opti
 
 gmtkStatus_t gmtkPlanCreate(gmtkHandle_t handle, const gmtkPlanConfig_t* config, gmtkPlan_t* plan) {
   return guarded([&]() -> gmtkStatus_t {
-    GMTK_REQUIRE(handle != nullptr, "handle is NULL");
-    GMTK_REQUIRE(plan != nullptr, "plan is NULL");
+    // A sharded plan is made by every rank together: a rank whose own checks
+    // fail still meets the others, so that all fail instead of waiting.
+    const gmtkComm_t comm =
+        config != nullptr && config->struct_size == sizeof(gmtkPlanConfig_t) ? config->comm : nullptr;
     auto created = std::make_unique<gmtkPlan>();
-    created->backend = handle->backend;
-    GMTK_CHECK(gmtk::build_plan(config, created.get()));
-    created->step_buffers_complete = gmtk::step_buffers_complete(*created);
-    gmtk::Backend& backend = *created->backend;
-    GMTK_CHECK(backend.check_reachable(created->sorted_buffers.data(), created->sorted_buffers.size()));
-    GMTK_CHECK(backend.check_reachable(created->sorted_scalars.data(), created->sorted_scalars.size()));
-    GMTK_CHECK(backend.prepare_plan(*created));
-    if (config->flags & GMTK_PLAN_ALLOCATE_WORKSPACE) {
-      size_t bytes = 0;
-      GMTK_CHECK(backend.workspace_size(*created, &bytes));
-      if (bytes > 0) GMTK_CHECK(backend.allocate_workspace(bytes, &created->owned_workspace));
-      created->owned_workspace_bytes = bytes;
+    gmtkStatus_t status = plan != nullptr ? gmtk::create_plan(handle, config, created.get())
+                                          : fail(GMTK_ERROR_INVALID_ARGUMENT, "plan is NULL");
+    if (comm != nullptr) {
+      status = gmtk::agree_on_plan(*comm->communicator, status == GMTK_SUCCESS ? created.get() : nullptr, status);
     }
+    if (status != GMTK_SUCCESS) return status;
     *plan = created.release();
+    return GMTK_SUCCESS;
+  });
+}
+
+gmtkStatus_t gmtkCommCreateInProcess(int num_ranks, gmtkComm_t* comms) {
+  return guarded([&]() -> gmtkStatus_t {
+    GMTK_REQUIRE(num_ranks >= 1, "num_ranks is %d; it must be >= 1", num_ranks);
+    GMTK_REQUIRE(comms != nullptr, "comms is NULL");
+    std::vector<std::shared_ptr<gmtk::Communicator>> communicators(static_cast<size_t>(num_ranks));
+    GMTK_CHECK(gmtk::make_in_process_communicators(num_ranks, communicators.data()));
+    std::vector<std::unique_ptr<gmtkComm>> created(static_cast<size_t>(num_ranks));
+    for (int r = 0; r < num_ranks; ++r) {
+      created[r] = std::make_unique<gmtkComm>();
+      created[r]->communicator = std::move(communicators[r]);
+    }
+    for (int r = 0; r < num_ranks; ++r) comms[r] = created[r].release();
+    return GMTK_SUCCESS;
+  });
+}
+
+gmtkStatus_t gmtkCommGetRank(gmtkComm_t comm, int* rank) {
+  GMTK_REQUIRE(comm != nullptr, "comm is NULL");
+  GMTK_REQUIRE(rank != nullptr, "rank is NULL");
+  *rank = comm->communicator->rank();
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t gmtkCommGetSize(gmtkComm_t comm, int* size) {
+  GMTK_REQUIRE(comm != nullptr, "comm is NULL");
+  GMTK_REQUIRE(size != nullptr, "size is NULL");
+  *size = comm->communicator->size();
+  return GMTK_SUCCESS;
+}
+
+gmtkStatus_t gmtkCommDestroy(gmtkComm_t comm) {
+  return guarded([&]() -> gmtkStatus_t {
+    delete comm;
     return GMTK_SUCCESS;
   });
 }

@@ -10,6 +10,8 @@
 
 namespace gmtk {
 
+class Communicator;
+
 struct Plan {
   std::shared_ptr<Backend> backend;
   std::vector<gmtkGroupConfig_t> groups;
@@ -26,6 +28,11 @@ struct Plan {
   void* owned_workspace = nullptr;  // with GMTK_PLAN_ALLOCATE_WORKSPACE
   size_t owned_workspace_bytes = 0;
   std::unique_ptr<BackendPlanState> backend_state;  // Backend::prepare_plan's
+  // The ranks of a sharded plan (gmtkPlanConfig_t.comm), or null.
+  std::shared_ptr<Communicator> comm;
+  // Two words per rank for the ranks' verdicts on each call (shards.hpp), so
+  // that a call allocates nothing. Calls on one plan do not run concurrently.
+  mutable std::vector<uint64_t> call_verdicts;
 
   ~Plan();
 };
@@ -33,6 +40,15 @@ struct Plan {
 // Entries to keep for a set of n entries at mask ratio r: k = n - floor(r * n),
 // the product taken in double precision (docs/semantics.md).
 uint64_t kept_target(double mask_ratio, uint64_t n);
+
+// A record that holds a slice of a logical tensor (gmtkTensor_t.logical_numel).
+inline bool is_shard(const gmtkTensor_t& tensor) { return tensor.logical_numel != 0 || tensor.shard_offset != 0; }
+
+// Entries of the tensor the record is part of: the logical tensor of a shard,
+// else the record itself.
+inline uint64_t logical_numel(const gmtkTensor_t& tensor) {
+  return static_cast<uint64_t>(is_shard(tensor) ? tensor.logical_numel : tensor.numel);
+}
 
 size_t dtype_size(gmtkDtype_t dtype);
 

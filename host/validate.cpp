@@ -5,9 +5,11 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "comm.hpp"
 #include "status.hpp"
 
 namespace gmtk {
@@ -130,6 +132,17 @@ gmtkStatus_t validate_tensor(const gmtkTensor_t& tensor, int64_t index, int32_t 
                  "tensors[%" PRId64 "].master_param is set but param_dtype is float32; "
                  "master weights are for float16 and bfloat16 parameters",
                  index);
+  }
+  if (is_shard(tensor)) {
+    GMTK_REQUIRE(tensor.logical_numel > 0 && tensor.logical_numel <= std::numeric_limits<int64_t>::max() / 8,
+                 "tensors[%" PRId64 "].logical_numel is %" PRId64 " with shard_offset %" PRId64
+                 "; a shard's logical tensor has at least one entry",
+                 index, tensor.logical_numel, tensor.shard_offset);
+    GMTK_REQUIRE(tensor.shard_offset >= 0 && tensor.shard_offset <= tensor.logical_numel &&
+                     tensor.numel <= tensor.logical_numel - tensor.shard_offset,
+                 "tensors[%" PRId64 "] holds entries [%" PRId64 ", %" PRId64 ") of a logical tensor of %" PRId64
+                 "; a shard must lie inside it",
+                 index, tensor.shard_offset, tensor.shard_offset + tensor.numel, tensor.logical_numel);
   }
   if (tensor.numel == 0) return GMTK_SUCCESS;
 
@@ -256,15 +269,19 @@ gmtkStatus_t validate_group_config(const gmtkGroupConfig_t& group, const char* n
 
 gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
   GMTK_REQUIRE(config != nullptr, "config is NULL");
-  GMTK_REQUIRE(config->struct_size == sizeof(gmtkPlanConfig_t),
+  GMTK_REQUIRE(config->struct_size == sizeof(gmtkPlanConfig_t) ||
+                   config->struct_size == GMTK_PLAN_CONFIG_STRUCT_SIZE_V0_1,
                "config->struct_size is %zu; expected %zu (initialise it with GMTK_PLAN_CONFIG_INIT)",
                config->struct_size, sizeof(gmtkPlanConfig_t));
   GMTK_REQUIRE(config->group_struct_size == sizeof(gmtkGroupConfig_t),
                "config->group_struct_size is %zu; expected sizeof(gmtkGroupConfig_t) = %zu",
                config->group_struct_size, sizeof(gmtkGroupConfig_t));
-  GMTK_REQUIRE(config->tensor_struct_size == sizeof(gmtkTensor_t),
+  GMTK_REQUIRE(config->tensor_struct_size == sizeof(gmtkTensor_t) ||
+                   config->tensor_struct_size == GMTK_TENSOR_STRUCT_SIZE_V0_1,
                "config->tensor_struct_size is %zu; expected sizeof(gmtkTensor_t) = %zu", config->tensor_struct_size,
                sizeof(gmtkTensor_t));
+  // A 0.1.0 caller's config ends before comm: read only what it has.
+  gmtkComm_t comm = config->struct_size == sizeof(gmtkPlanConfig_t) ? config->comm : nullptr;
   GMTK_REQUIRE(config->num_groups >= 1, "config->num_groups is %d; a plan needs at least one group",
                config->num_groups);
   GMTK_REQUIRE(config->groups != nullptr, "config->groups is NULL");
@@ -288,8 +305,14 @@ gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
   std::vector<gmtkTensor_t> tensors(static_cast<size_t>(config->num_tensors));
   std::vector<BufferRange> ranges;
   for (int64_t t = 0; t < config->num_tensors; ++t) {
-    tensors[t] = *reinterpret_cast<const gmtkTensor_t*>(tensor_bytes + t * config->tensor_struct_size);
+    // Records of 0.1.0 callers are shorter: the fields they lack read as 0 (unsharded).
+    std::memset(&tensors[t], 0, sizeof(gmtkTensor_t));
+    std::memcpy(&tensors[t], tensor_bytes + t * config->tensor_struct_size, config->tensor_struct_size);
     GMTK_CHECK(validate_tensor(tensors[t], t, config->num_groups, &ranges));
+    GMTK_REQUIRE(!is_shard(tensors[t]) || comm != nullptr,
+                 "tensors[%" PRId64 "] is a shard (logical_numel %" PRId64 ", shard_offset %" PRId64
+                 ") but config->comm is NULL: a sharded plan needs the communicator of its ranks",
+                 t, tensors[t].logical_numel, tensors[t].shard_offset);
   }
   GMTK_CHECK(sort_and_check_disjoint(ranges.data(), ranges.data() + ranges.size()));
 
@@ -303,6 +326,13 @@ gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
     const gmtkGroupConfig_t& group = groups[tensor.group];
     if (group.scope == GMTK_SCOPE_GLOBAL && !tensors_of_group[tensor.group].empty()) {
       const gmtkTensor_t& first = tensors[tensors_of_group[tensor.group].front()];
+      if (is_shard(first) != is_shard(tensor)) {
+        return fail(GMTK_ERROR_NOT_SUPPORTED,
+                    "tensors[%" PRId64 "] and tensors[%" PRId64
+                    "] of global-scope group %d are one a shard and one a replica; a global threshold over shards "
+                    "and replicas together is not supported (put them in separate groups)",
+                    tensors_of_group[tensor.group].front(), t, tensor.group);
+      }
       if (first.grad_dtype != tensor.grad_dtype) {
         return fail(GMTK_ERROR_NOT_SUPPORTED,
                     "tensors[%" PRId64 "].grad_dtype is %s but tensors[%" PRId64
@@ -320,6 +350,7 @@ gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
   plan->tensors_of_group = std::move(tensors_of_group);
   plan->sorted_buffers = std::move(ranges);
   plan->sorted_scalars = std::move(scalars);
+  if (comm != nullptr) plan->comm = comm->communicator;
   return GMTK_SUCCESS;
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../backend.hpp"
+#include "../comm.hpp"
 #include "../plan.hpp"
 #include "../status.hpp"
 #include "../workspace.hpp"
@@ -30,7 +31,8 @@ WorkspaceOffsets workspace_offsets(const Plan& plan) {
   WorkspaceOffsets offsets{};
   offsets.histogram = layout.reserve(kHistogramBins * sizeof(uint64_t));
   offsets.rules = layout.reserve(plan.tensors.size() * sizeof(KeepRule));
-  offsets.kept_counts = layout.reserve(plan.tensors.size() * sizeof(uint64_t));
+  // Kept counts, and one word more for found_inf: summed over the ranks together.
+  offsets.kept_counts = layout.reserve((plan.tensors.size() + 1) * sizeof(uint64_t));
   offsets.required_bytes = layout.required_bytes();
   return offsets;
 }
@@ -69,6 +71,16 @@ const ReferencePlanState& state_of(const Plan& plan) {
   return static_cast<const ReferencePlanState&>(*plan.backend_state);
 }
 
+// The rule of a set: over this rank's spans alone, or, for shards, over the
+// logical tensors' entries on every rank.
+KeepRule set_rule(const Plan& plan, const GradientSpan* spans, const int64_t* members, size_t count,
+                  double mask_ratio, uint64_t* histogram) {
+  if (!is_shard(plan.tensors[members[0]])) return select_keep_rule(spans, count, mask_ratio, histogram);
+  uint64_t total = 0;
+  for (size_t m = 0; m < count; ++m) total += logical_numel(plan.tensors[members[m]]);
+  return select_sharded_keep_rule(spans, count, mask_ratio, total, *plan.comm, histogram);
+}
+
 // One rule per tensor: its own (per-tensor scope) or its group's (global scope).
 void select_rules(const Plan& plan, uint64_t* histogram, KeepRule* rules) {
   const ReferencePlanState& state = state_of(plan);
@@ -78,14 +90,32 @@ void select_rules(const Plan& plan, uint64_t* histogram, KeepRule* rules) {
     const GradientSpan* spans = state.spans.data() + state.first[g];
     if (plan.groups[g].scope == GMTK_SCOPE_GLOBAL) {
       if (members.empty()) continue;
-      const KeepRule rule = select_keep_rule(spans, members.size(), mask_ratio, histogram);
+      const KeepRule rule = set_rule(plan, spans, members.data(), members.size(), mask_ratio, histogram);
       for (int64_t t : members) rules[t] = rule;
     } else {
       for (size_t m = 0; m < members.size(); ++m) {
-        rules[members[m]] = select_keep_rule(&spans[m], 1, mask_ratio, histogram);
+        rules[members[m]] = set_rule(plan, &spans[m], &members[m], 1, mask_ratio, histogram);
       }
     }
   }
+}
+
+// Kept counts of every tensor in counts[0..n) and the found_inf flag in
+// counts[n]. With a communicator they are summed over the ranks: a shard's
+// count becomes its logical tensor's, found_inf the OR of the ranks'; a
+// replica is counted by rank 0 alone, as every rank holds the same entries.
+void count_kept_and_found_inf(const Plan& plan, const KeepRule* rules, bool found_inf, bool counts_wanted,
+                              uint64_t* counts) {
+  const size_t n = plan.tensors.size();
+  const bool counts_replicas = plan.comm == nullptr || plan.comm->rank() == 0;
+  // Every rank of a sharded plan counts, whatever its own arguments ask: the
+  // ranks' collectives must be the same.
+  for (size_t t = 0; t < n && (counts_wanted || plan.comm != nullptr); ++t) {
+    const gmtkTensor_t& tensor = plan.tensors[t];
+    counts[t] = is_shard(tensor) || counts_replicas ? count_kept(span_of(tensor), rules[t]) : 0;
+  }
+  counts[n] = found_inf ? 1 : 0;
+  if (plan.comm != nullptr) plan.comm->all_reduce_sum(counts, n + 1, nullptr);  // cannot fail: see selection.cpp
 }
 
 void zero_masked_gradients(const gmtkTensor_t& tensor, KeepRule rule) {
@@ -197,11 +227,14 @@ class ReferenceBackend final : public Backend {
       }
     }
     select_rules(plan, histogram, rules);
+    auto* counts = reinterpret_cast<uint64_t*>(base + offsets.kept_counts);
+    count_kept_and_found_inf(plan, rules, found_inf, args.kept_counts != nullptr, counts);
+    found_inf = counts[plan.tensors.size()] != 0;
 
     for (size_t t = 0; t < plan.tensors.size(); ++t) {
       const gmtkTensor_t& tensor = plan.tensors[t];
       if (args.thresholds != nullptr) args.thresholds[t] = threshold_value(tensor.grad_dtype, rules[t]);
-      if (args.kept_counts != nullptr) args.kept_counts[t] = static_cast<int64_t>(count_kept(span_of(tensor), rules[t]));
+      if (args.kept_counts != nullptr) args.kept_counts[t] = static_cast<int64_t>(counts[t]);
     }
     if (args.found_inf != nullptr) *args.found_inf = found_inf ? 1.0f : 0.0f;
     if (call.operation == Operation::select_thresholds || found_inf) return GMTK_SUCCESS;

@@ -8,6 +8,10 @@
 #include <cstddef>
 #include <cstdint>
 
+namespace gmtk {
+class Communicator;
+}
+
 namespace gmtk::reference {
 
 // Gradients of one tensor, as stored.
@@ -33,6 +37,13 @@ constexpr size_t kHistogramBins = 256;
 // with k = n - floor(mask_ratio * n). k = n keeps all without selection work;
 // k = 0 keeps none. `histogram` is scratch of kHistogramBins counters.
 KeepRule select_keep_rule(const GradientSpan* spans, size_t span_count, double mask_ratio, uint64_t* histogram);
+
+// The same over a set whose other entries the other ranks of `comm` hold
+// (shards): `total` entries in all, k taken from it, each pass's histogram
+// summed over the ranks. Every rank calls it with the same set and gets the
+// same rule.
+KeepRule select_sharded_keep_rule(const GradientSpan* spans, size_t span_count, double mask_ratio, uint64_t total,
+                                  Communicator& comm, uint64_t* histogram);
 
 // Entries of `span` the rule keeps.
 uint64_t count_kept(const GradientSpan& span, KeepRule rule);

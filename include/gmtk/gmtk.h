@@ -161,7 +161,37 @@ typedef struct {
   float* exp_avg;           /* Adam m; SGD momentum buffer (needed when momentum != 0) */
   float* exp_avg_sq;        /* Adam v */
   float* max_exp_avg_sq;    /* Adam with amsgrad only */
+  /* Added after 0.1.0 (callers built against 0.1.0 pass the smaller
+   * tensor_struct_size and get 0 here). A shard: this record holds entries
+   * [shard_offset, shard_offset + numel) of a logical tensor of logical_numel
+   * entries whose other slices the other ranks of the plan's communicator hold
+   * (ZeRO / FSDP). Both 0: the record is the whole tensor. Record i of every
+   * rank's plan is a slice of the same logical tensor i. Ratios, k and T are
+   * the logical tensor's (or the group's logical tensors'). */
+  int64_t logical_numel;
+  int64_t shard_offset;
 } gmtkTensor_t;
+
+/* tensor_struct_size of callers built against 0.1.0, still accepted. */
+#define GMTK_TENSOR_STRUCT_SIZE_V0_1 offsetof(gmtkTensor_t, logical_numel)
+
+/* ---- Communicators (added after 0.1.0) ---------------------------------- */
+
+/* The ranks a sharded plan spans. gmtk keeps no global state: a communicator
+ * is an object the caller creates and destroys, and each rank's plan is bound
+ * to that rank's communicator. */
+typedef struct gmtkComm* gmtkComm_t;
+
+/* Creates num_ranks linked communicators for ranks that are threads of this
+ * process, on the CPU reference backend: comms[r] is rank r. Each rank's
+ * collective calls (gmtkPlanCreate and every call on a plan bound to it) block
+ * until every rank has made the same call. For tests of a sharded layout
+ * without GPUs, and the oracle of the NCCL path. */
+GMTK_API gmtkStatus_t gmtkCommCreateInProcess(int num_ranks, gmtkComm_t* comms);
+GMTK_API gmtkStatus_t gmtkCommGetRank(gmtkComm_t comm, int* rank);
+GMTK_API gmtkStatus_t gmtkCommGetSize(gmtkComm_t comm, int* size);
+/* Destroy after every plan bound to it. NULL is accepted. */
+GMTK_API gmtkStatus_t gmtkCommDestroy(gmtkComm_t comm);
 
 /* ---- Plan --------------------------------------------------------------- */
 
@@ -174,12 +204,23 @@ typedef struct {
   size_t group_struct_size;    /* sizeof(gmtkGroupConfig_t): the stride of groups[] */
   const gmtkTensor_t* tensors; /* may be NULL when num_tensors is 0 */
   int64_t num_tensors;
-  size_t tensor_struct_size;   /* sizeof(gmtkTensor_t): the stride of tensors[] */
+  size_t tensor_struct_size;   /* sizeof(gmtkTensor_t) (or GMTK_TENSOR_STRUCT_SIZE_V0_1): the stride of tensors[] */
   unsigned int flags;          /* GMTK_PLAN_* */
+  /* Added after 0.1.0: the ranks over which sharded tensors' thresholds are
+   * computed, or NULL. With a communicator, gmtkPlanCreate is collective: every
+   * rank calls it, the ranks check that their plans agree (groups, logical
+   * tensors, dtypes) and that the shards of each logical tensor tile it
+   * exactly, and all fail together if not. Every call on the plan is then
+   * collective too. Unsharded records in such a plan are replicas (data
+   * parallel: the same gradient on every rank) and are selected locally. */
+  gmtkComm_t comm;
 } gmtkPlanConfig_t;
 
+/* struct_size of callers built against 0.1.0, still accepted. */
+#define GMTK_PLAN_CONFIG_STRUCT_SIZE_V0_1 offsetof(gmtkPlanConfig_t, comm)
+
 #define GMTK_PLAN_CONFIG_INIT \
-  {sizeof(gmtkPlanConfig_t), NULL, 0, sizeof(gmtkGroupConfig_t), NULL, 0, sizeof(gmtkTensor_t), 0u}
+  {sizeof(gmtkPlanConfig_t), NULL, 0, sizeof(gmtkGroupConfig_t), NULL, 0, sizeof(gmtkTensor_t), 0u, NULL}
 
 /* Validates every group and tensor and copies what it needs; the arrays may be
  * freed afterwards. On failure *plan is left untouched. */

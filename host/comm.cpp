@@ -1,0 +1,121 @@
+#include "comm.hpp"
+
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "status.hpp"
+
+namespace gmtk {
+namespace {
+
+// The state the ranks of one in-process group share. A collective is a
+// rendezvous: each rank leaves its buffers in its slot; the last to arrive
+// checks that every rank made the same call, combines the buffers (every
+// other rank is waiting, so their buffers are still), and releases them.
+class InProcessGroup {
+ public:
+  enum class Kind : uint8_t { all_reduce_sum, all_gather };
+
+  explicit InProcessGroup(int size) : slots_(static_cast<size_t>(size)) {}
+
+  int size() const { return static_cast<int>(slots_.size()); }
+
+  gmtkStatus_t collective(int rank, Kind kind, const void* send, void* receive, size_t length) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t generation = generation_;
+    slots_[static_cast<size_t>(rank)] = Slot{kind, send, receive, length};
+    if (++arrived_ == size()) {
+      outcome_ = combine();
+      arrived_ = 0;
+      ++generation_;
+      released_.notify_all();
+    } else {
+      // No rank can finish the next collective before this one has woken:
+      // it needs this rank too, so outcome_ still holds this generation's.
+      released_.wait(lock, [&] { return generation_ != generation; });
+    }
+    return outcome_;
+  }
+
+ private:
+  struct Slot {
+    Kind kind;
+    const void* send;
+    void* receive;
+    size_t length;  // values (all_reduce_sum) or bytes per rank (all_gather)
+  };
+
+  bool same_call() const {
+    for (const Slot& slot : slots_) {
+      if (slot.kind != slots_[0].kind || slot.length != slots_[0].length) return false;
+    }
+    return true;
+  }
+
+  gmtkStatus_t combine() {
+    if (!same_call()) return GMTK_ERROR_INVALID_ARGUMENT;
+    const size_t length = slots_[0].length;
+    if (slots_[0].kind == Kind::all_reduce_sum) {
+      // Element by element, every rank's value is read before any is written:
+      // no scratch needed, and the buffers may be the ranks' own in place.
+      for (size_t i = 0; i < length; ++i) {
+        uint64_t sum = 0;
+        for (const Slot& slot : slots_) sum += static_cast<const uint64_t*>(slot.send)[i];
+        for (const Slot& slot : slots_) static_cast<uint64_t*>(slot.receive)[i] = sum;
+      }
+    } else {
+      for (const Slot& target : slots_) {
+        auto* receive = static_cast<unsigned char*>(target.receive);
+        for (size_t r = 0; r < slots_.size(); ++r) {
+          if (length > 0) std::memcpy(receive + r * length, slots_[r].send, length);
+        }
+      }
+    }
+    return GMTK_SUCCESS;
+  }
+
+  std::mutex mutex_;
+  std::condition_variable released_;
+  std::vector<Slot> slots_;
+  int arrived_ = 0;
+  uint64_t generation_ = 0;
+  gmtkStatus_t outcome_ = GMTK_SUCCESS;
+};
+
+class InProcessCommunicator final : public Communicator {
+ public:
+  InProcessCommunicator(std::shared_ptr<InProcessGroup> group, int rank) : group_(std::move(group)), rank_(rank) {}
+
+  int rank() const override { return rank_; }
+  int size() const override { return group_->size(); }
+
+  gmtkStatus_t all_reduce_sum(uint64_t* values, size_t count, gmtkStream_t) override {
+    return report(group_->collective(rank_, InProcessGroup::Kind::all_reduce_sum, values, values, count));
+  }
+
+  gmtkStatus_t all_gather(const void* send, size_t bytes, void* receive, gmtkStream_t) override {
+    return report(group_->collective(rank_, InProcessGroup::Kind::all_gather, send, receive, bytes));
+  }
+
+ private:
+  gmtkStatus_t report(gmtkStatus_t status) const {
+    if (status == GMTK_SUCCESS) return status;
+    return fail(status, "the ranks of the in-process communicator made different collective calls (rank %d): "
+                "their plans or calls disagree", rank_);
+  }
+
+  std::shared_ptr<InProcessGroup> group_;
+  int rank_;
+};
+
+}  // namespace
+
+gmtkStatus_t make_in_process_communicators(int num_ranks, std::shared_ptr<Communicator>* communicators) {
+  auto group = std::make_shared<InProcessGroup>(num_ranks);
+  for (int r = 0; r < num_ranks; ++r) communicators[r] = std::make_shared<InProcessCommunicator>(group, r);
+  return GMTK_SUCCESS;
+}
+
+}  // namespace gmtk

@@ -1,0 +1,21 @@
+// What the ranks of a sharded plan check together: at gmtkPlanCreate that
+// their plans agree and that each logical tensor's shards tile it exactly; at
+// every call that they make the same call. A rank whose own checks failed
+// still takes part, so that every rank fails together instead of waiting for
+// it forever.
+#pragma once
+
+#include "backend.hpp"
+#include "plan.hpp"
+
+namespace gmtk {
+
+// `plan` is the rank's validated plan, or null when `local_status` says its
+// own checks failed (its message is then kept as it is).
+gmtkStatus_t agree_on_plan(Communicator& comm, const Plan* plan, gmtkStatus_t local_status);
+
+// Before a call on a plan with a communicator runs: the same operation and
+// mask ratios on every rank, every rank's arguments valid.
+gmtkStatus_t agree_on_call(const Plan& plan, Operation operation, gmtkStatus_t local_status);
+
+}  // namespace gmtk
