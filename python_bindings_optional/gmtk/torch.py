@@ -29,6 +29,7 @@ from . import _gmtk
 __all__ = ["AdamW", "Adam", "SGD"]
 
 _SCOPES = {"per_tensor": _gmtk.Scope.PER_TENSOR, "global": _gmtk.Scope.GLOBAL}
+_MASK_SETTINGS = ("mask_ratio", "scope", "mask_mode", "master_weights")
 _MASK_MODES = {"grad": _gmtk.MaskMode.GRAD, "freeze": _gmtk.MaskMode.FREEZE}
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -88,24 +89,31 @@ class _GmtkOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any]) -> None:
         _check_mask_settings(defaults)
-        super().__init__(params, defaults)
         self._runtimes: Dict[int, _GroupRuntime] = {}
         self.plan_builds = 0
+        super().__init__(params, defaults)
 
     # ---- torch.optim.Optimizer --------------------------------------------------
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_mask_settings(group)
-        for p in group["params"]:
+        # Checked before torch appends it: a refused group leaves param_groups as it was.
+        settings = {name: param_group.get(name, self.defaults[name]) for name in _MASK_SETTINGS}
+        _check_mask_settings(settings)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
             if p.dtype not in _SUPPORTED_DTYPES:
                 raise ValueError(f"gmtk.torch: parameter of dtype {p.dtype}; gmtk takes float32, float16, bfloat16")
+        super().add_param_group(dict(param_group, params=params))
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        # Also what a copy or an unpickled optimizer goes through: its plans are
+        # rebuilt at the next step, its counters taken from state["step"].
         super().__setstate__(state)
+        self.__dict__.setdefault("_runtimes", {})
+        self.__dict__.setdefault("plan_builds", 0)
         for group in self.param_groups:
-            for name in ("mask_ratio", "scope", "mask_mode", "master_weights", "capturable"):
+            for name in _MASK_SETTINGS + ("capturable",):
                 group.setdefault(name, self.defaults[name])
 
     @torch.no_grad()
@@ -116,6 +124,8 @@ class _GmtkOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         scaler_found_inf = getattr(self, "found_inf", None)
+        for runtime in self._runtimes.values():
+            runtime.stepped = False  # kept_fraction() covers this step's groups only
         for index, group in enumerate(self.param_groups):
             runtime = self._prepare(index, group)
             if runtime is None:
@@ -155,6 +165,20 @@ class _GmtkOptimizer(torch.optim.Optimizer):
         saved_ids = [i for group in saved_groups for i in group["params"]]
         if len(own_params) != len(saved_ids):
             raise ValueError("loaded state dict holds a different number of parameters than this optimizer")
+        # Refused before anything changes: one step per group.
+        position = 0
+        for index, saved_group in enumerate(saved_groups):
+            steps = set()
+            for saved_id in saved_group["params"]:
+                entry = saved_state.get(saved_id, {})
+                if "step" in entry:
+                    steps.add(float(entry["step"]))
+            position += len(saved_group["params"])
+            if len(steps) > 1:
+                raise ValueError(
+                    f"param_groups[{index}]: its parameters' state has different steps {sorted(steps)}; "
+                    "gmtk keeps one step counter per param group: split the group"
+                )
         fp32_state = {}
         for p, saved_id in zip(own_params, saved_ids):
             entry = saved_state.get(saved_id)
@@ -178,11 +202,6 @@ class _GmtkOptimizer(torch.optim.Optimizer):
                     steps.add(float(entry.pop("step")))
                 elif entry.get("momentum_buffer") is not None:
                     steps.add(1.0)  # torch.optim.SGD keeps no step; a buffer means it stepped
-            if len(steps) > 1:
-                raise ValueError(
-                    f"param_groups[{index}]: its parameters' state has different steps {sorted(steps)}; "
-                    "gmtk keeps one step counter per param group: split the group"
-                )
             if not steps:
                 continue
             stepped = [p for p in group["params"] if p in self.state]
@@ -237,18 +256,15 @@ class _GmtkOptimizer(torch.optim.Optimizer):
                 raise ValueError("gmtk.torch does not support sparse gradients")
         runtime = self._runtimes.get(index)
         if runtime is None or runtime.device != device:
-            runtime = _GroupRuntime(device)
+            runtime = _GroupRuntime(device, self._existing_step(group, device))
             self._runtimes[index] = runtime
         if group.get("capturable") and device.type != "cuda":
             raise ValueError("capturable=True needs CUDA parameters")
 
-        structure = (group["scope"], group["mask_mode"], bool(group.get("amsgrad", False)),
-                     bool(group["master_weights"]), self._needs_momentum_buffer(group))
-        key = (structure,) + tuple((p.data_ptr(), p.grad.data_ptr(), p.grad.dtype, p.grad.is_contiguous())
-                                   for p in params)
+        key = self._plan_key(group, params, runtime, device)
         if key != runtime.key:
             self._build_plan(index, group, params, runtime)
-            runtime.key = key
+            runtime.key = self._plan_key(group, params, runtime, device)
         hyperparams = self._hyperparams(group)
         if hyperparams != runtime.hyperparams:
             runtime.plan.set_group_hyperparams(0, self._group_config(group, runtime.device))
@@ -274,7 +290,7 @@ class _GmtkOptimizer(torch.optim.Optimizer):
             ))
         runtime.plan = None  # the old plan's captured pointers go before the new plan is made
         runtime.plan = _gmtk.Plan(_handle_for(runtime.device), [self._group_config(group, runtime.device)],
-                                  tensors, allocate_workspace=False)
+                                  tensors, allocate_workspace=False, hold_gradients=False)
         size = runtime.plan.workspace_size
         # The caching allocator's memory: no cudaMalloc and no synchronization.
         runtime.workspace = torch.empty(size, dtype=torch.uint8, device=runtime.device) if size else None
@@ -284,6 +300,29 @@ class _GmtkOptimizer(torch.optim.Optimizer):
         runtime.numel = sum(p.numel() for p in params)
         runtime.hyperparams = self._hyperparams(group)
         self.plan_builds += 1
+
+    def _plan_key(self, group: Dict[str, Any], params: List[torch.Tensor], runtime: _GroupRuntime,
+                  device: torch.device) -> tuple:
+        """Everything a plan captured. The plan borrows the gradients (it does not
+        keep them alive, so that the allocator can give a freed .grad's memory to
+        the next backward): their addresses and sizes, like the parameters' and
+        the state's, are checked against the plan's before every step."""
+        structure = (group["scope"], group["mask_mode"], bool(group.get("amsgrad", False)),
+                     bool(group["master_weights"]), self._needs_momentum_buffer(group), _stream_for(device))
+        return (structure,) + tuple(
+            (p.data_ptr(), p.grad.data_ptr(), p.numel(), p.grad.numel(), p.grad.dtype, p.grad.is_contiguous())
+            + tuple(value.data_ptr() for value in (self.state[p].values() if p in self.state else ())
+                    if isinstance(value, torch.Tensor) and value is not runtime.step_count)
+            for p in params)
+
+    def _existing_step(self, group: Dict[str, Any], device: torch.device) -> float:
+        """The group's step where state already has one (an optimizer copied or
+        unpickled with its state), else 0."""
+        for p in group["params"]:
+            step = self.state[p].get("step") if p in self.state else None
+            if step is not None:
+                return float(step)
+        return 0.0
 
     def _state_for(self, p: torch.Tensor, group: Dict[str, Any], runtime: _GroupRuntime) -> Dict[str, Any]:
         state = self.state[p]
@@ -355,12 +394,14 @@ def _inverse_scale(device: torch.device, grad_scale: Optional[torch.Tensor],
     an inf, which makes the library skip the step on the device."""
     if grad_scale is None and found_inf is None:
         return None
+    # A copy to the host must be complete before the CPU backend reads it.
+    non_blocking = device.type == "cuda"
     if grad_scale is not None:
-        inverse = grad_scale.to(device, non_blocking=True).double().reciprocal().float().reshape(())
+        inverse = grad_scale.to(device, non_blocking=non_blocking).double().reciprocal().float().reshape(())
     else:
         inverse = torch.ones((), dtype=torch.float32, device=device)
     if found_inf is not None:
-        inverse = torch.where(found_inf.to(device, non_blocking=True).reshape(()) > 0,
+        inverse = torch.where(found_inf.to(device, non_blocking=non_blocking).reshape(()) > 0,
                               torch.full_like(inverse, math.nan), inverse)
     return inverse
 

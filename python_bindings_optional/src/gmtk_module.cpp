@@ -266,7 +266,7 @@ struct CallOutputs {
 class Plan {
  public:
   Plan(const Handle& handle, const std::vector<GroupConfig>& groups, const std::vector<Tensor>& tensors,
-       bool allocate_workspace)
+       bool allocate_workspace, bool hold_gradients)
       : location_(handle.location()), tensors_(tensors) {
     std::vector<gmtkGroupConfig_t> group_configs;
     group_configs.reserve(groups.size());
@@ -298,16 +298,20 @@ class Plan {
     }
     if (status != GMTK_SUCCESS) raise_status(status, message);
     check(gmtkPlanGetWorkspaceSize(plan_, &workspace_bytes_));
+    // Borrowed gradients: the caller keeps them valid (and re-checks their
+    // addresses before each call, as gmtk.torch does), so that a framework's
+    // allocator can hand the same memory to the next backward.
+    if (!hold_gradients) {
+      for (Tensor& tensor : tensors_) tensor.grad = Array();
+    }
   }
-  ~Plan() { close(); }
+  ~Plan() { destroy(); }  // never during a call: the call holds a reference to the plan
   Plan(const Plan&) = delete;
   Plan& operator=(const Plan&) = delete;
 
   void close() {
-    if (plan_ != nullptr) gmtkPlanDestroy(plan_);
-    plan_ = nullptr;
-    tensors_.clear();
-    lr_devices_.clear();
+    if (busy_) invalid_argument("plan: close() while a call on this plan runs on another thread");
+    destroy();
   }
 
   size_t workspace_size() const { return live()->workspace_bytes_; }
@@ -350,6 +354,10 @@ class Plan {
       workspace_bytes = outputs.workspace->nbytes();
     }
     const gmtkStream_t stream = stream_of(outputs.stream);
+    // The GIL is released while the library runs: another thread must not
+    // close this plan or call it meanwhile (a plan takes one call at a time).
+    if (busy_) invalid_argument("plan: already running a call on another thread (one call at a time per plan)");
+    busy_ = true;
     gmtkStatus_t status;
     std::string message;
     {
@@ -357,10 +365,18 @@ class Plan {
       status = entry(plan_, &args, workspace, workspace_bytes, stream);
       if (status != GMTK_SUCCESS) message = gmtkGetLastErrorMessage();
     }
+    busy_ = false;
     if (status != GMTK_SUCCESS) raise_status(status, message);
   }
 
  private:
+  void destroy() {
+    if (plan_ != nullptr) gmtkPlanDestroy(plan_);
+    plan_ = nullptr;
+    tensors_.clear();
+    lr_devices_.clear();
+  }
+
   const Plan* live() const {
     if (plan_ == nullptr) raise_status(GMTK_ERROR_INVALID_ARGUMENT, "plan: this plan was closed");
     return this;
@@ -389,6 +405,7 @@ class Plan {
 
   Location location_;
   gmtkPlan_t plan_ = nullptr;
+  bool busy_ = false;  // read and written with the GIL held
   size_t workspace_bytes_ = 0;
   std::vector<Tensor> tensors_;                       // keeps every captured array alive
   std::vector<std::optional<InputArray>> lr_devices_;  // likewise, per group
@@ -562,9 +579,9 @@ NB_MODULE(_gmtk, m) {
   };
 
   nb::class_<Plan> plan(m, "Plan", "A validated set of groups and tensors (gmtkPlanCreate).");
-  plan.def(nb::init<const Handle&, const std::vector<GroupConfig>&, const std::vector<Tensor>&, bool>(),
+  plan.def(nb::init<const Handle&, const std::vector<GroupConfig>&, const std::vector<Tensor>&, bool, bool>(),
            nb::arg("handle"), nb::arg("groups"), nb::arg("tensors"), nb::kw_only(),
-           nb::arg("allocate_workspace") = true)
+           nb::arg("allocate_workspace") = true, nb::arg("hold_gradients") = true)
       .def_prop_ro("workspace_size", &Plan::workspace_size,
                    "Bytes of workspace a call needs (0 for a plan that allocated its own).")
       .def_prop_ro("num_tensors", &Plan::num_tensors)
