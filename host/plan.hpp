@@ -33,6 +33,7 @@ struct Plan {
   // Two words per rank for the ranks' verdicts on each call (shards.hpp), so
   // that a call allocates nothing. Calls on one plan do not run concurrently.
   mutable std::vector<uint64_t> call_verdicts;
+  uint64_t signature = 0;  // what the ranks agreed on at creation (shards.cpp)
 
   ~Plan();
 };

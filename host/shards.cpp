@@ -55,15 +55,16 @@ struct RankVerdict {
 // Every rank's verdict; fails on every rank if one failed or two disagree.
 gmtkStatus_t exchange_verdicts(Communicator& comm, RankVerdict own, const char* what, RankVerdict* verdicts,
                                bool own_failed) {
-  const gmtkStatus_t exchanged = comm.all_gather(&own, sizeof(own), verdicts, nullptr);
+  const gmtkStatus_t exchanged = comm.all_gather_host(&own, sizeof(own), verdicts);
   if (own_failed) return static_cast<gmtkStatus_t>(own.status);
   if (exchanged != GMTK_SUCCESS) return exchanged;
   for (int r = 0; r < comm.size(); ++r) {
-    if (verdicts[r].status != GMTK_SUCCESS) {
-      return fail(GMTK_ERROR_INVALID_ARGUMENT,
-                  "rank %d of the communicator refused its %s (its gmtkGetLastErrorMessage() says why); it fails on "
-                  "every rank and writes nothing",
-                  r, what);
+    if (verdicts[r].status != GMTK_SUCCESS) {  // that rank's status, on every rank
+      const auto status = static_cast<gmtkStatus_t>(verdicts[r].status);
+      return fail(status,
+                  "rank %d of the communicator refused its %s with status %d (%s; its gmtkGetLastErrorMessage() says "
+                  "why); it fails on every rank and writes nothing",
+                  r, what, static_cast<int>(status), gmtkGetErrorString(status));
     }
   }
   for (int r = 1; r < comm.size(); ++r) {
@@ -93,7 +94,7 @@ gmtkStatus_t check_tiling(Communicator& comm, const Plan& plan) {
     own[2 * t + 1] = plan.tensors[t].numel;
   }
   std::vector<int64_t> all(2 * count * static_cast<size_t>(ranks));
-  GMTK_CHECK(comm.all_gather(own.data(), own.size() * sizeof(int64_t), all.data(), nullptr));
+  GMTK_CHECK(comm.all_gather_host(own.data(), own.size() * sizeof(int64_t), all.data()));
   std::vector<Extent> extents;
   extents.reserve(static_cast<size_t>(ranks));
   for (size_t t = 0; t < count; ++t) {
@@ -143,18 +144,21 @@ gmtkStatus_t check_tiling(Communicator& comm, const Plan& plan) {
 
 }  // namespace
 
-gmtkStatus_t agree_on_plan(Communicator& comm, const Plan* plan, gmtkStatus_t local_status) {
+gmtkStatus_t agree_on_plan(Communicator& comm, Plan* plan, gmtkStatus_t local_status) {
   const bool own_failed = local_status != GMTK_SUCCESS;
   const RankVerdict own{static_cast<uint64_t>(local_status), own_failed ? 0 : plan_signature(*plan)};
   std::vector<RankVerdict> verdicts(static_cast<size_t>(comm.size()));
   GMTK_CHECK(exchange_verdicts(comm, own, "plan", verdicts.data(), own_failed));
-  return check_tiling(comm, *plan);
+  GMTK_CHECK(check_tiling(comm, *plan));
+  plan->signature = own.signature;
+  return GMTK_SUCCESS;
 }
 
 gmtkStatus_t agree_on_call(const Plan& plan, Operation operation, gmtkStatus_t local_status) {
   Communicator& comm = *plan.comm;
   const bool own_failed = local_status != GMTK_SUCCESS;
   Signature signature;
+  signature.add(plan.signature);
   signature.add(operation);
   for (const gmtkGroupConfig_t& group : plan.groups) signature.add(group.mask_ratio);
   // A call allocates nothing: the ranks' verdicts go in the plan's buffer.

@@ -12,10 +12,13 @@ namespace gmtk {
 
 // `plan` is the rank's validated plan, or null when `local_status` says its
 // own checks failed (its message is then kept as it is).
-gmtkStatus_t agree_on_plan(Communicator& comm, const Plan* plan, gmtkStatus_t local_status);
+// On success, stores the plan's signature in plan->signature for the calls.
+gmtkStatus_t agree_on_plan(Communicator& comm, Plan* plan, gmtkStatus_t local_status);
 
-// Before a call on a plan with a communicator runs: the same operation and
-// mask ratios on every rank, every rank's arguments valid.
+// Before a call on a plan with a communicator runs: the same plan (its
+// signature: ranks that call two plans of one communicator in different
+// orders are caught), operation and mask ratios on every rank, every rank's
+// arguments valid.
 gmtkStatus_t agree_on_call(const Plan& plan, Operation operation, gmtkStatus_t local_status);
 
 }  // namespace gmtk

@@ -74,15 +74,16 @@ const ReferencePlanState& state_of(const Plan& plan) {
 // The rule of a set: over this rank's spans alone, or, for shards, over the
 // logical tensors' entries on every rank.
 KeepRule set_rule(const Plan& plan, const GradientSpan* spans, const int64_t* members, size_t count,
-                  double mask_ratio, uint64_t* histogram) {
+                  double mask_ratio, uint64_t* histogram, gmtkStatus_t* status) {
   if (!is_shard(plan.tensors[members[0]])) return select_keep_rule(spans, count, mask_ratio, histogram);
   uint64_t total = 0;
   for (size_t m = 0; m < count; ++m) total += logical_numel(plan.tensors[members[m]]);
-  return select_sharded_keep_rule(spans, count, mask_ratio, total, *plan.comm, histogram);
+  return select_sharded_keep_rule(spans, count, mask_ratio, total, *plan.comm, histogram, status);
 }
 
-// One rule per tensor: its own (per-tensor scope) or its group's (global scope).
-void select_rules(const Plan& plan, uint64_t* histogram, KeepRule* rules) {
+// One rule per tensor: its own (per-tensor scope) or its group's (global
+// scope). A failed collective is recorded in *status.
+void select_rules(const Plan& plan, uint64_t* histogram, KeepRule* rules, gmtkStatus_t* status) {
   const ReferencePlanState& state = state_of(plan);
   for (size_t g = 0; g < plan.groups.size(); ++g) {
     const std::vector<int64_t>& members = plan.tensors_of_group[g];
@@ -90,11 +91,11 @@ void select_rules(const Plan& plan, uint64_t* histogram, KeepRule* rules) {
     const GradientSpan* spans = state.spans.data() + state.first[g];
     if (plan.groups[g].scope == GMTK_SCOPE_GLOBAL) {
       if (members.empty()) continue;
-      const KeepRule rule = set_rule(plan, spans, members.data(), members.size(), mask_ratio, histogram);
+      const KeepRule rule = set_rule(plan, spans, members.data(), members.size(), mask_ratio, histogram, status);
       for (int64_t t : members) rules[t] = rule;
     } else {
       for (size_t m = 0; m < members.size(); ++m) {
-        rules[members[m]] = set_rule(plan, &spans[m], &members[m], 1, mask_ratio, histogram);
+        rules[members[m]] = set_rule(plan, &spans[m], &members[m], 1, mask_ratio, histogram, status);
       }
     }
   }
@@ -104,8 +105,8 @@ void select_rules(const Plan& plan, uint64_t* histogram, KeepRule* rules) {
 // counts[n]. With a communicator they are summed over the ranks: a shard's
 // count becomes its logical tensor's, found_inf the OR of the ranks'; a
 // replica is counted by rank 0 alone, as every rank holds the same entries.
-void count_kept_and_found_inf(const Plan& plan, const KeepRule* rules, bool found_inf, bool counts_wanted,
-                              uint64_t* counts) {
+gmtkStatus_t count_kept_and_found_inf(const Plan& plan, const KeepRule* rules, bool found_inf, bool counts_wanted,
+                                      uint64_t* counts) {
   const size_t n = plan.tensors.size();
   const bool counts_replicas = plan.comm == nullptr || plan.comm->rank() == 0;
   // Every rank of a sharded plan counts, whatever its own arguments ask: the
@@ -115,7 +116,7 @@ void count_kept_and_found_inf(const Plan& plan, const KeepRule* rules, bool foun
     counts[t] = is_shard(tensor) || counts_replicas ? count_kept(span_of(tensor), rules[t]) : 0;
   }
   counts[n] = found_inf ? 1 : 0;
-  if (plan.comm != nullptr) plan.comm->all_reduce_sum(counts, n + 1, nullptr);  // cannot fail: see selection.cpp
+  return plan.comm != nullptr ? plan.comm->all_reduce_sum(counts, n + 1, nullptr) : GMTK_SUCCESS;
 }
 
 void zero_masked_gradients(const gmtkTensor_t& tensor, KeepRule rule) {
@@ -226,9 +227,15 @@ class ReferenceBackend final : public Backend {
         break;
       }
     }
-    select_rules(plan, histogram, rules);
+    // The ranks of a sharded plan agreed on this call (agree_on_call); a
+    // collective can still fail when they interleave calls on several plans
+    // of one communicator: nothing is written then.
+    gmtkStatus_t collective = GMTK_SUCCESS;
+    select_rules(plan, histogram, rules, &collective);
     auto* counts = reinterpret_cast<uint64_t*>(base + offsets.kept_counts);
-    count_kept_and_found_inf(plan, rules, found_inf, args.kept_counts != nullptr, counts);
+    const gmtkStatus_t counted = count_kept_and_found_inf(plan, rules, found_inf, args.kept_counts != nullptr, counts);
+    if (collective != GMTK_SUCCESS) return collective;
+    if (counted != GMTK_SUCCESS) return counted;
     found_inf = counts[plan.tensors.size()] != 0;
 
     for (size_t t = 0; t < plan.tensors.size(); ++t) {

@@ -24,7 +24,7 @@ void add_digit_histogram(const T* data, uint64_t numel, uint32_t prefix, uint32_
 // The k-th largest key over the spans (and, with a communicator, over the
 // other ranks' spans of the set), 1 <= k <= total entries.
 uint32_t kth_largest_key(const GradientSpan* spans, size_t span_count, uint64_t k, Communicator* comm,
-                         uint64_t* histogram) {
+                         uint64_t* histogram, gmtkStatus_t* status) {
   const int key_bits = spans[0].dtype == GMTK_FLOAT32 ? 31 : 15;
   uint32_t prefix = 0;
   uint32_t prefix_mask = 0;
@@ -38,9 +38,11 @@ uint32_t kth_largest_key(const GradientSpan* spans, size_t span_count, uint64_t 
                             histogram);
       });
     }
-    // The ranks' histograms summed: every rank then takes the same digit. (It
-    // cannot fail here: agree_on_call has seen every rank make this call.)
-    if (comm != nullptr) comm->all_reduce_sum(histogram, kHistogramBins, nullptr);
+    // The ranks' histograms summed: every rank then takes the same digit.
+    if (comm != nullptr) {
+      const gmtkStatus_t summed = comm->all_reduce_sum(histogram, kHistogramBins, nullptr);
+      if (summed != GMTK_SUCCESS) *status = summed;
+    }
     uint32_t digit = kHistogramBins - 1;
     while (histogram[digit] < rank) {
       rank -= histogram[digit];
@@ -60,15 +62,16 @@ KeepRule select_keep_rule(const GradientSpan* spans, size_t span_count, double m
   const uint64_t k = kept_target(mask_ratio, total);
   if (k == total) return kKeepAll;
   if (k == 0) return kKeepNone;
-  return KeepRule{kth_largest_key(spans, span_count, k, nullptr, histogram)};
+  gmtkStatus_t unused = GMTK_SUCCESS;
+  return KeepRule{kth_largest_key(spans, span_count, k, nullptr, histogram, &unused)};
 }
 
 KeepRule select_sharded_keep_rule(const GradientSpan* spans, size_t span_count, double mask_ratio, uint64_t total,
-                                  Communicator& comm, uint64_t* histogram) {
+                                  Communicator& comm, uint64_t* histogram, gmtkStatus_t* status) {
   const uint64_t k = kept_target(mask_ratio, total);
   if (k == total) return kKeepAll;
   if (k == 0) return kKeepNone;
-  return KeepRule{kth_largest_key(spans, span_count, k, &comm, histogram)};
+  return KeepRule{kth_largest_key(spans, span_count, k, &comm, histogram, status)};
 }
 
 uint64_t count_kept(const GradientSpan& span, KeepRule rule) {

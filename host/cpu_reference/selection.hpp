@@ -42,8 +42,10 @@ KeepRule select_keep_rule(const GradientSpan* spans, size_t span_count, double m
 // (shards): `total` entries in all, k taken from it, each pass's histogram
 // summed over the ranks. Every rank calls it with the same set and gets the
 // same rule.
+// A failed collective (ranks that disagree) is recorded in *status, which
+// is otherwise left as it is.
 KeepRule select_sharded_keep_rule(const GradientSpan* spans, size_t span_count, double mask_ratio, uint64_t total,
-                                  Communicator& comm, uint64_t* histogram);
+                                  Communicator& comm, uint64_t* histogram, gmtkStatus_t* status);
 
 // Entries of `span` the rule keeps.
 uint64_t count_kept(const GradientSpan& span, KeepRule rule);
