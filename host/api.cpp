@@ -56,10 +56,14 @@ gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepAr
                            size_t workspace_bytes, gmtkStream_t stream) {
   GMTK_REQUIRE(plan != nullptr, "plan is NULL");
   Call call{};
-  gmtkStatus_t status = check_call(*plan, operation, args, workspace, workspace_bytes, stream, &call);
+  // Guarded here too: a sharded call must reach the agreement below whatever happened.
+  gmtkStatus_t status =
+      guarded([&] { return check_call(*plan, operation, args, workspace, workspace_bytes, stream, &call); });
   // A sharded plan's call is collective: a rank refused here still meets the
-  // others, so that all of them fail instead of waiting for it.
-  if (plan->comm != nullptr) status = agree_on_call(*plan, operation, status);
+  // others, so that all of them fail instead of waiting for it. (On a device
+  // communicator that exchange would cost a host synchronization per call:
+  // there, as with NCCL's own calls, the ranks' agreement is the caller's.)
+  if (plan->comm != nullptr && !plan->comm->on_device()) status = agree_on_call(*plan, operation, status);
   if (status != GMTK_SUCCESS) return status;
   return plan->backend->run(*plan, call);
 }
@@ -69,10 +73,18 @@ gmtkStatus_t create_plan(gmtkHandle_t handle, const gmtkPlanConfig_t* config, gm
   GMTK_REQUIRE(handle != nullptr, "handle is NULL");
   created->backend = handle->backend;
   GMTK_CHECK(build_plan(config, created));
-  if (created->comm != nullptr && created->backend->kind() == GMTK_BACKEND_CUDA) {
-    return fail(GMTK_ERROR_NOT_SUPPORTED,
-                "config->comm is set on a CUDA handle: sharded plans run on the CPU reference backend (through "
-                "gmtkCommCreateInProcess) in this build; the NCCL path is not implemented yet");
+  if (created->comm != nullptr) {
+    // The communicator moves the memory its backend computes in: host memory
+    // for the CPU reference (in-process), the handle's device for CUDA (NCCL).
+    const Communicator& comm = *created->comm;
+    const bool cuda = created->backend->kind() == GMTK_BACKEND_CUDA;
+    GMTK_REQUIRE(comm.on_device() == cuda,
+                 "config->comm is %s communicator but the handle's backend is %s: the CPU reference takes "
+                 "gmtkCommCreateInProcess's, CUDA takes gmtkCommCreateFromNccl's",
+                 comm.on_device() ? "an NCCL (device)" : "an in-process (host)", cuda ? "CUDA" : "the CPU reference");
+    GMTK_REQUIRE(!cuda || comm.device() == created->backend->device(),
+                 "config->comm runs on CUDA device %d but the handle on device %d", comm.device(),
+                 created->backend->device());
   }
   created->step_buffers_complete = step_buffers_complete(*created);
   Backend& backend = *created->backend;
@@ -182,7 +194,8 @@ gmtkStatus_t gmtkPlanCreate(gmtkHandle_t handle, const gmtkPlanConfig_t* config,
     const gmtkComm_t comm =
         config != nullptr && config->struct_size == sizeof(gmtkPlanConfig_t) ? config->comm : nullptr;
     auto created = std::make_unique<gmtkPlan>();
-    gmtkStatus_t status = plan != nullptr ? gmtk::create_plan(handle, config, created.get())
+    // Guarded on its own: an exception must not skip the ranks' agreement.
+    gmtkStatus_t status = plan != nullptr ? guarded([&] { return gmtk::create_plan(handle, config, created.get()); })
                                           : fail(GMTK_ERROR_INVALID_ARGUMENT, "plan is NULL");
     if (comm != nullptr) {
       status = gmtk::agree_on_plan(*comm->communicator, status == GMTK_SUCCESS ? created.get() : nullptr, status);
@@ -205,6 +218,18 @@ gmtkStatus_t gmtkCommCreateInProcess(int num_ranks, gmtkComm_t* comms) {
       created[r]->communicator = std::move(communicators[r]);
     }
     for (int r = 0; r < num_ranks; ++r) comms[r] = created[r].release();
+    return GMTK_SUCCESS;
+  });
+}
+
+gmtkStatus_t gmtkCommCreateFromNccl(void* nccl_comm, int device, gmtkComm_t* comm) {
+  return guarded([&]() -> gmtkStatus_t {
+    GMTK_REQUIRE(comm != nullptr, "comm is NULL");
+    std::shared_ptr<gmtk::Communicator> communicator;
+    GMTK_CHECK(gmtk::make_nccl_communicator(nccl_comm, device, &communicator));
+    auto created = std::make_unique<gmtkComm>();
+    created->communicator = std::move(communicator);
+    *comm = created.release();
     return GMTK_SUCCESS;
   });
 }

@@ -60,6 +60,8 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual gmtkBackend_t kind() const = 0;
+  // The CUDA device a CUDA backend runs on; -1 for the CPU reference.
+  virtual int device() const { return -1; }
   // Builds the backend's state of a validated plan (once, at gmtkPlanCreate).
   virtual gmtkStatus_t prepare_plan(Plan& plan) = 0;
   // Checks that each of the `count` ranges is memory this backend can reach.

@@ -99,6 +99,8 @@ class InProcessCommunicator final : public Communicator {
     return report(group_->collective(rank_, InProcessGroup::Kind::all_gather, send, receive, bytes));
   }
 
+  bool on_device() const override { return false; }
+
  private:
   gmtkStatus_t report(gmtkStatus_t status) const {
     if (status == GMTK_SUCCESS) return status;

@@ -22,10 +22,25 @@ class Communicator {
   virtual gmtkStatus_t all_reduce_sum(uint64_t* values, size_t count, gmtkStream_t stream) = 0;
   // receive[r * bytes ...] becomes rank r's `send`, on every rank.
   virtual gmtkStatus_t all_gather(const void* send, size_t bytes, void* receive, gmtkStream_t stream) = 0;
+  // false: host memory, done when the call returns (in-process). true: device
+  // memory, queued on the stream (NCCL).
+  virtual bool on_device() const = 0;
+  // The CUDA device of a device communicator; -1 for a host one.
+  virtual int device() const { return -1; }
+  // Host-memory exchanges at plan creation (verdicts, extents), whatever
+  // on_device() says: a device communicator stages them through device memory
+  // and waits for them (plan creation may synchronize; calls never do).
+  virtual gmtkStatus_t all_gather_host(const void* send, size_t bytes, void* receive) {
+    return all_gather(send, bytes, receive, nullptr);
+  }
 };
 
 // num_ranks linked communicators for threads of this process.
 gmtkStatus_t make_in_process_communicators(int num_ranks, std::shared_ptr<Communicator>* communicators);
+
+// Wraps a caller-owned ncclComm_t (host/nccl_comm.cpp); GMTK_ERROR_NOT_SUPPORTED
+// in a build without NCCL's header or where libnccl cannot be loaded.
+gmtkStatus_t make_nccl_communicator(void* nccl_comm, int device, std::shared_ptr<Communicator>* communicator);
 
 }  // namespace gmtk
 

@@ -568,11 +568,16 @@ cudaError_t configure_selection_kernels(int device, SelectionOccupancy* occupanc
 }
 
 cudaError_t launch_selection_passes(const SelectionLaunch& launch, const SelectionSchedule& schedule, void* zeroed,
-                                    size_t zeroed_bytes, const SelectionOccupancy& occupancy, cudaStream_t stream) {
+                                    size_t zeroed_bytes, const SelectionOccupancy& occupancy, cudaStream_t stream,
+                                    const ExchangeHook* exchange) {
   cudaError_t error = cudaMemsetAsync(zeroed, 0, zeroed_bytes, stream);
   if (error != cudaSuccess) return error;
   constexpr int kThreads = SelectionPolicy::kHistogramThreads;
   const auto resident = [](int blocks) { return static_cast<uint32_t>(blocks); };
+  // A sharded call sums the pass's counters over the ranks before they are read.
+  const auto exchanged = [&](ExchangePoint point) {
+    return schedule.exchange && exchange != nullptr ? exchange->sum(exchange->context, point, stream) : cudaSuccess;
+  };
 
   // Each launch is checked before the next is queued: after a failed one,
   // nothing that writes the caller's buffers (the mask) may follow.
@@ -580,6 +585,7 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
     histogram_pass<HistogramPass::sample><<<grid_for(launch.large_chunks, resident(occupancy.sample_pass)), kThreads,
                                             kCountingShared, stream>>>(launch, launch.large_chunks);
     if ((error = cudaGetLastError()) != cudaSuccess) return error;
+    if ((error = exchanged(ExchangePoint::sample)) != cudaSuccess) return error;
     scan_sample<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch);
     if ((error = cudaGetLastError()) != cudaSuccess) return error;
   }
@@ -587,6 +593,7 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
     histogram_pass<HistogramPass::level_0><<<grid_for(schedule.pass_a_chunks, resident(occupancy.pass_a)), kThreads,
                                              kCountingShared, stream>>>(launch, schedule.pass_a_chunks);
     if ((error = cudaGetLastError()) != cudaSuccess) return error;
+    if ((error = exchanged(ExchangePoint::level_0)) != cudaSuccess) return error;
   }
   if (schedule.large_scan) {
     scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, false);
@@ -596,6 +603,7 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
     histogram_pass<HistogramPass::level><<<grid_for(launch.large_chunks, resident(occupancy.level_pass)), kThreads,
                                            kGatheringShared, stream>>>(launch, launch.large_chunks);
     if ((error = cudaGetLastError()) != cudaSuccess) return error;
+    if ((error = exchanged(ExchangePoint::level)) != cudaSuccess) return error;
     scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, false);
     if ((error = cudaGetLastError()) != cudaSuccess) return error;
   }
@@ -606,17 +614,22 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
   if (schedule.apply) {
     const uint32_t blocks = grid_for(launch.chunk_count, resident(occupancy.apply));
     apply_keep_rule<<<blocks, SelectionPolicy::kApplyThreads, 0, stream>>>(launch);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
+    if ((error = exchanged(ExchangePoint::apply)) != cudaSuccess) return error;
   }
   return cudaGetLastError();
 }
 
 cudaError_t launch_deferred_level(const SelectionLaunch& launch, const SelectionOccupancy& occupancy,
-                                  cudaStream_t stream) {
+                                  cudaStream_t stream, const ExchangeHook* exchange) {
   histogram_pass<HistogramPass::deferred><<<grid_for(launch.large_chunks, static_cast<uint32_t>(occupancy.level_pass)),
                                             SelectionPolicy::kHistogramThreads, kCountingShared, stream>>>(
       launch, launch.large_chunks);
-  const cudaError_t error = cudaGetLastError();
+  cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
+  if (exchange != nullptr && (error = exchange->sum(exchange->context, ExchangePoint::deferred, stream)) != cudaSuccess) {
+    return error;
+  }
   scan_level<<<launch.large_set_count, SelectionPolicy::kScanThreads, 0, stream>>>(launch, true);
   return cudaGetLastError();
 }

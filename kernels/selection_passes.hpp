@@ -45,7 +45,7 @@ GMTK_HD Range block_chunks(uint32_t block, uint32_t blocks, uint64_t chunk_end) 
 
 // Whether chunk `c` belongs to a large set that selects in this call.
 GMTK_HD bool selects_large(const SelectionLaunch& p, const SetRecord& set) {
-  return set.large && set_target(p.mask_ratio[set.group], set.numel).goal == SetGoal::select;
+  return set.large && set_target(p.mask_ratio[set.group], set.logical_numel).goal == SetGoal::select;
 }
 
 // What the block that takes chunk `c` does in `pass`. Depends on the chunk's
@@ -57,7 +57,9 @@ GMTK_HD ChunkWork chunk_work(const SelectionLaunch& p, HistogramPass pass, uint6
   work.check_non_finite = pass == HistogramPass::level_0 && p.check_non_finite != 0;
   work.entries = {chunk.begin, chunk.begin + chunk.length};
   work.source = ChunkSource::skip;
-  if (!selects_large(p, set)) return work;
+  // A replica's keys are counted on rank 0 alone (SetRecord::counts_here); its
+  // found_inf is checked everywhere all the same.
+  if (!selects_large(p, set) || !set.counts_here) return work;
   if (pass == HistogramPass::sample) {
     work.source = ChunkSource::gradients;
     work.range = full_range(set.dtype);
@@ -136,13 +138,13 @@ GMTK_HD bool sample_scan_begins(const SelectionLaunch& p, uint32_t set_index) {
 GMTK_HD void sample_scan_finishes(const SelectionLaunch& p, uint32_t set_index, const uint64_t* segment_sums,
                                   uint32_t segments) {
   const SetRecord set = p.sets[set_index];
-  const SetTarget target = set_target(p.mask_ratio[set.group], set.numel);
+  const SetTarget target = set_target(p.mask_ratio[set.group], set.logical_numel);
   const unsigned long long* counts = p.histograms + set.histogram_offset;
   uint64_t sampled = 0;
   for (uint32_t s = 0; s < segments; ++s) sampled += segment_sums[s];
   Window window{false, full_range(set.dtype)};
   if (sampled > 0) {
-    const SampleRanks ranks = window_ranks(target.kept, set.numel, sampled);
+    const SampleRanks ranks = window_ranks(target.kept, set.logical_numel, sampled);
     const uint32_t high_bin = pick_from_segments(counts, segment_sums, segments, kLevelBins, ranks.high).bin;
     const uint32_t low_bin = pick_from_segments(counts, segment_sums, segments, kLevelBins, ranks.low).bin;
     window = choose_window(set.dtype, low_bin, high_bin);
@@ -197,7 +199,7 @@ GMTK_HD bool scan_finishes(const SelectionLaunch& p, uint32_t set_index, const u
 // Whether small set `set_index` selects; if so `state` starts its selection.
 GMTK_HD bool small_set_begins(const SelectionLaunch& p, uint32_t set_index, SetState* state) {
   const SetRecord set = p.sets[set_index];
-  const SetTarget target = set_target(p.mask_ratio[set.group], set.numel);
+  const SetTarget target = set_target(p.mask_ratio[set.group], set.logical_numel);
   if (target.goal != SetGoal::select) return false;
   begin_selection(*state, target.kept, Window{false, full_range(set.dtype)});
   return true;
@@ -228,10 +230,11 @@ struct ApplyWork {
 GMTK_HD ApplyWork apply_work(const SelectionLaunch& p, uint64_t c, bool found_non_finite) {
   const ChunkRecord chunk = p.chunks[c];
   const SetRecord set = p.sets[chunk.set];
-  const SetTarget target = set_target(p.mask_ratio[set.group], set.numel);
+  const SetTarget target = set_target(p.mask_ratio[set.group], set.logical_numel);
   ApplyWork work{};
   work.zero_masked = p.zero_masked != 0 && !found_non_finite && target.goal != SetGoal::keep_all;
-  work.count_kept = p.count_kept_per_tensor != 0 && set.member_count > 1 && target.goal == SetGoal::select;
+  work.count_kept =
+      p.count_kept_per_tensor != 0 && set.member_count > 1 && target.goal == SetGoal::select && set.counts_here;
   work.min_kept_key = min_kept_key(target, target.goal == SetGoal::select ? p.states[chunk.set] : SetState{});
   return work;
 }
@@ -241,13 +244,13 @@ GMTK_HD ApplyWork apply_work(const SelectionLaunch& p, uint64_t c, bool found_no
 GMTK_HD void write_tensor_outputs(const SelectionLaunch& p, uint64_t t) {
   const TensorRecord tensor = p.tensors[t];
   const SetRecord set = p.sets[tensor.set];
-  const SetTarget target = set_target(p.mask_ratio[set.group], set.numel);
+  const SetTarget target = set_target(p.mask_ratio[set.group], set.logical_numel);
   const SetState state = target.goal == SetGoal::select ? p.states[tensor.set] : SetState{};
   if (p.thresholds != nullptr) p.thresholds[t] = threshold_value(target, state, set.dtype);
   if (p.kept_counts != nullptr) {
     uint64_t kept = 0;
     if (target.goal == SetGoal::keep_all) {
-      kept = tensor.numel;
+      kept = tensor.logical_numel;
     } else if (target.goal == SetGoal::select) {
       kept = set.member_count == 1 ? set_kept_count(state) : p.tensor_kept[t];
     }

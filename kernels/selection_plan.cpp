@@ -7,10 +7,14 @@
 namespace gmtk::kernels {
 namespace {
 
+// A sharded set is always large: the one-block path has no point between its
+// passes where the ranks could sum their histograms.
 bool is_large(const SetRecord& set, const SelectionTuning& tuning) {
   const uint64_t limit = set.dtype == kFloat32 ? tuning.small_set_limit_fp32 : tuning.small_set_limit_16bit;
-  return set.numel >= limit;
+  return set.sharded || set.numel >= limit;
 }
+
+bool is_shard(const gmtkTensor_t& tensor) { return tensor.logical_numel != 0 || tensor.shard_offset != 0; }
 
 void append_chunks(const SelectionTables& tables, uint32_t set_index, uint64_t chunk_entries,
                    std::vector<ChunkRecord>* chunks) {
@@ -29,14 +33,16 @@ void append_chunks(const SelectionTables& tables, uint32_t set_index, uint64_t c
 }  // namespace
 
 SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& groups,
-                                       const std::vector<gmtkTensor_t>& tensors, const SelectionTuning& tuning) {
+                                       const std::vector<gmtkTensor_t>& tensors, const SelectionTuning& tuning,
+                                       int rank) {
   SelectionTables tables;
   tables.sample_entries = tuning.sample_entries;
   tables.tensors.resize(tensors.size());
   for (size_t t = 0; t < tensors.size(); ++t) {
-    tables.tensors[t] = TensorRecord{static_cast<uint64_t>(reinterpret_cast<uintptr_t>(tensors[t].grad)),
-                                     static_cast<uint64_t>(tensors[t].numel), 0u,
-                                     static_cast<uint32_t>(tensors[t].grad_dtype)};
+    const uint64_t numel = static_cast<uint64_t>(tensors[t].numel);
+    const uint64_t logical = is_shard(tensors[t]) ? static_cast<uint64_t>(tensors[t].logical_numel) : numel;
+    tables.tensors[t] = TensorRecord{static_cast<uint64_t>(reinterpret_cast<uintptr_t>(tensors[t].grad)), numel,
+                                     logical, 0u, static_cast<uint32_t>(tensors[t].grad_dtype)};
   }
 
   // Sets, group by group, in tensor order within a group.
@@ -52,7 +58,12 @@ SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& gro
       tables.members.push_back(members[m]);
       tables.tensors[members[m]].set = static_cast<uint32_t>(tables.sets.size());
       set.numel += tables.tensors[members[m]].numel;
+      set.logical_numel += tables.tensors[members[m]].logical_numel;
     }
+    // A global group is all shards or all replicas (validate.cpp).
+    set.sharded = is_shard(tensors[members[0]]) ? 1u : 0u;
+    set.counts_here = set.sharded || rank == 0 ? 1u : 0u;
+    tables.sharded = tables.sharded || set.sharded;
     tables.has_multi_tensor_sets = tables.has_multi_tensor_sets || count > 1;
     tables.sets.push_back(set);
   };
@@ -78,7 +89,10 @@ SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& gro
     tables.large_sets.push_back(s);
     set.histogram_offset = tables.histogram_counters;
     tables.histogram_counters += kHistogramSlots;
-    if (set.dtype == kFloat32) {
+    if (set.dtype == kFloat32) ++tables.large_fp32_sets;
+    // Candidates and deferral would size this rank's regions by counts summed
+    // over the ranks: a sharded set reads its gradients at every level instead.
+    if (set.dtype == kFloat32 && !set.sharded) {
       set.candidate_offset = tables.candidate_keys;
       set.candidate_capacity = std::max(tuning.min_candidates, set.numel / tuning.candidate_share);
       tables.candidate_keys += set.candidate_capacity;
@@ -128,19 +142,25 @@ SelectionSchedule selection_schedule(const SelectionTables& tables, const Select
   SelectionSchedule schedule{};
   const bool select = request.any_masking;
   // A step needs found_inf even unasked: a non-finite gradient makes it a no-op.
-  schedule.check_non_finite = request.mask_gradients || request.wants_found_inf || request.step;
+  // Sharded: every rank makes the same passes (the collectives between them
+  // must match), so nothing here may depend on this rank's chunks or on what
+  // its own arguments ask; found_inf and kept counts are then always summed.
+  const bool sharded = request.sharded;
+  schedule.check_non_finite = request.mask_gradients || request.wants_found_inf || request.step || sharded;
   const bool large_selection = select && !tables.large_sets.empty();
   schedule.sample = large_selection;
-  schedule.pass_a = schedule.check_non_finite ? !tables.chunks.empty() : large_selection;
+  schedule.pass_a = schedule.check_non_finite ? (!tables.chunks.empty() || sharded) : large_selection;
   schedule.pass_a_chunks = schedule.check_non_finite ? tables.chunks.size() : tables.large_chunks;
   schedule.large_scan = large_selection;
-  schedule.level_passes = !large_selection ? 0 : (tables.large_fp32_chunks > 0 ? 3 : 2);
+  schedule.level_passes = !large_selection ? 0 : (tables.large_fp32_sets > 0 ? 3 : 2);
   schedule.small_sets = select && !tables.small_sets.empty();
   schedule.zero_masked = request.mask_gradients && select;
-  schedule.count_kept_per_tensor = request.wants_kept_counts && tables.has_multi_tensor_sets && select;
+  schedule.count_kept_per_tensor =
+      (request.wants_kept_counts || sharded) && tables.has_multi_tensor_sets && select;
   schedule.apply = schedule.zero_masked || schedule.count_kept_per_tensor;
   schedule.update = request.step && !tables.chunks.empty();
-  schedule.deferred = request.step && large_selection && tables.large_fp32_chunks > 0;
+  schedule.deferred = request.step && large_selection && tables.large_fp32_sets > 0;
+  schedule.exchange = sharded;
   return schedule;
 }
 
@@ -173,6 +193,7 @@ SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorksp
   request.step = call == EngineCall::step;
   request.wants_found_inf = args.found_inf != nullptr;
   request.wants_kept_counts = args.kept_counts != nullptr;
+  request.sharded = tables.sharded;
   for (size_t g = 0; g < groups.size(); ++g) {
     launch->mask_ratio[g] = groups[g].mask_ratio;
     request.any_masking = request.any_masking || groups[g].mask_ratio > 0.0;
@@ -183,6 +204,19 @@ SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorksp
   launch->count_kept_per_tensor = schedule.count_kept_per_tensor ? 1u : 0u;
   launch->may_defer = schedule.deferred ? 1u : 0u;
   return schedule;
+}
+
+ExchangeSpans exchange_spans(const SelectionTables& tables, const SelectionLaunch& launch, ExchangePoint point) {
+  ExchangeSpans spans{};
+  if (point == ExchangePoint::apply) {
+    spans.span[0] = {launch.tensor_kept, tables.has_multi_tensor_sets ? tables.tensors.size() : 0};
+    return spans;
+  }
+  spans.span[0] = {launch.histograms, tables.histogram_counters};
+  // found_inf's flag is the first of the flags' words; summed, it is nonzero
+  // where any rank's was (ranks < 2^32).
+  if (point == ExchangePoint::level_0) spans.span[1] = {reinterpret_cast<unsigned long long*>(launch.flags), 1};
+  return spans;
 }
 
 }  // namespace gmtk::kernels

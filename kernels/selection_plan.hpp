@@ -32,14 +32,16 @@ struct SelectionTuning {
 
 // The device tables. Records are plain structs of fixed layout.
 struct TensorRecord {
-  uint64_t grad;   // address of the gradient
-  uint64_t numel;
+  uint64_t grad;           // address of the gradient
+  uint64_t numel;          // entries here
+  uint64_t logical_numel;  // entries of the logical tensor (a shard's, over all ranks; else numel)
   uint32_t set;
-  uint32_t dtype;  // GradDtype
+  uint32_t dtype;          // GradDtype
 };
 
 struct SetRecord {
-  uint64_t numel;               // entries of the set (all its tensors)
+  uint64_t numel;               // entries of the set here (all its tensors)
+  uint64_t logical_numel;       // entries of the set over all ranks (sharded sets; else numel): k's n
   uint64_t histogram_offset;    // first counter of its histogram (large sets)
   uint64_t candidate_offset;    // first key of its candidate region (large fp32 sets)
   uint64_t candidate_capacity;  // keys its region holds (0: none)
@@ -51,6 +53,9 @@ struct SetRecord {
   uint32_t first_member;        // into the member list: the set's tensors
   uint32_t member_count;
   uint32_t chunk_count;         // chunks of the set (large sets)
+  uint32_t sharded;             // its tensors are shards: histograms summed over the ranks, no candidates or deferral
+  uint32_t counts_here;         // this rank's keys enter the set's histograms: a shard's always, a replica's
+                                // on rank 0 only (every rank holds the same entries; the sum is then rank 0's)
 };
 
 struct ChunkRecord {
@@ -69,6 +74,8 @@ struct SelectionTables {
   std::vector<uint32_t> large_sets;   // set indexes
   std::vector<uint32_t> small_sets;
   uint64_t large_fp32_chunks = 0;     // chunks [0, large_fp32_chunks) are large fp32 sets'
+  uint32_t large_fp32_sets = 0;       // (a rank may hold no chunk of a sharded one: the schedule asks this)
+  bool sharded = false;               // some set is sharded: the plan has a communicator
   uint64_t large_chunks = 0;          // chunks [0, large_chunks) are large sets'
   uint32_t sample_entries = 0;        // SelectionTuning::sample_entries
   uint64_t histogram_counters = 0;    // 64-bit counters, all large sets (kHistogramSlots each)
@@ -79,8 +86,12 @@ struct SelectionTables {
 
 // Builds the tables of a validated plan: one set per tensor of a per-tensor
 // group, one per global group (a global group without tensors has none).
+// `rank`: this rank's in the plan's communicator (0 without one). Every rank's
+// tables have the same sets, large or small alike, and the same workspace
+// layout; only the chunks (this rank's entries) differ.
 SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& groups,
-                                       const std::vector<gmtkTensor_t>& tensors, const SelectionTuning& tuning);
+                                       const std::vector<gmtkTensor_t>& tensors, const SelectionTuning& tuning,
+                                       int rank = 0);
 
 // The workspace of a call, carved at 256-byte alignment (host/workspace.hpp).
 // Everything before `zeroed_bytes` is cleared by the call's first operation;
@@ -146,6 +157,8 @@ struct SelectionRequest {
   bool wants_found_inf;    // args->found_inf is set
   bool wants_kept_counts;  // args->kept_counts is set
   bool any_masking;        // some group's ratio is above 0 (else every set keeps all: no selection work)
+  bool sharded;            // the plan's histograms, found_inf and per-tensor counts are summed over ranks:
+                           // every rank then makes the same passes, whatever its own arguments ask
 };
 
 // Which launches a call makes, decided on the host from the tables and the
@@ -164,6 +177,8 @@ struct SelectionSchedule {
   bool count_kept_per_tensor;
   bool update;                // gmtkStep's fused update (step_kernels.cu), after selection
   bool deferred;              // after the update: the deferred entries' level pass, its scan, and their finish
+  bool exchange;              // sharded: each histogram pass's counters (pass A's found_inf flag, the apply
+                              // pass's per-tensor counts) are summed over the ranks before they are read
 
   // Kernel launches plus the workspace memset.
   int launches() const {
@@ -183,5 +198,22 @@ void bind_table_sizes(const SelectionTables& tables, SelectionLaunch* launch);
 SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorkspace& layout,
                             unsigned char* workspace_base, const std::vector<gmtkGroupConfig_t>& groups,
                             const gmtkStepArgs_t& args, EngineCall call, SelectionLaunch* launch);
+
+// Where a sharded call sums workspace counters over the ranks (the schedule's
+// `exchange`): after the sample pass, pass A, each level pass and the
+// deferred level pass, the histograms (after pass A with the found_inf flag);
+// after the apply pass, the per-tensor kept counts.
+enum class ExchangePoint { sample, level_0, level, deferred, apply };
+
+struct ExchangeSpan {
+  unsigned long long* values;
+  uint64_t count;
+};
+
+// What to sum at `point`: one or two spans of 64-bit counters (count 0: none).
+struct ExchangeSpans {
+  ExchangeSpan span[2];
+};
+ExchangeSpans exchange_spans(const SelectionTables& tables, const SelectionLaunch& launch, ExchangePoint point);
 
 }  // namespace gmtk::kernels

@@ -27,7 +27,7 @@ struct UpdateWork {
 GMTK_HD UpdateWork update_work(const SelectionLaunch& p, const StepLaunch& s, uint64_t c) {
   const ChunkRecord chunk = p.chunks[c];
   const SetRecord set = p.sets[chunk.set];
-  const SetTarget target = set_target(p.mask_ratio[set.group], set.numel);
+  const SetTarget target = set_target(p.mask_ratio[set.group], set.logical_numel);
   UpdateWork work{};
   work.group = set.group;
   work.freeze = (s.groups[set.group].flags & kFreeze) != 0;

@@ -15,6 +15,7 @@
 #include "../../kernels/step_kernels.hpp"
 #include "../../kernels/step_plan.hpp"
 #include "../backend.hpp"
+#include "../comm.hpp"
 #include "../plan.hpp"
 #include "../status.hpp"
 #include "../workspace.hpp"
@@ -25,6 +26,27 @@
 
 namespace gmtk {
 namespace {
+
+// A sharded call's exchanges (kernels::ExchangeHook): the spans the point
+// names, summed over the ranks on the call's stream. A failure keeps the
+// communicator's status and message for run() to return.
+struct Exchange {
+  Communicator* comm;
+  const kernels::SelectionTables* tables;
+  const kernels::SelectionLaunch* launch;
+  gmtkStatus_t status;
+
+  static cudaError_t sum(void* context, kernels::ExchangePoint point, cudaStream_t stream) {
+    auto& self = *static_cast<Exchange*>(context);
+    for (const kernels::ExchangeSpan& span : kernels::exchange_spans(*self.tables, *self.launch, point).span) {
+      if (span.count == 0) continue;
+      self.status = self.comm->all_reduce_sum(reinterpret_cast<uint64_t*>(span.values), span.count,
+                                              reinterpret_cast<gmtkStream_t>(stream));
+      if (self.status != GMTK_SUCCESS) return cudaErrorUnknown;
+    }
+    return cudaSuccess;
+  }
+};
 
 gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
   cudaGetLastError();  // the failed call's error must not stay behind for the caller's next CUDA call
@@ -135,6 +157,7 @@ class CudaBackend final : public Backend {
   CudaBackend(int device, const kernels::SelectionOccupancy& occupancy) : device_(device), occupancy_(occupancy) {}
 
   gmtkBackend_t kind() const override { return GMTK_BACKEND_CUDA; }
+  int device() const override { return device_; }
 
   // Both ends of each range must be device (or managed) memory of this
   // handle's device: a buffer that starts in one allocation and runs past it
@@ -157,7 +180,8 @@ class CudaBackend final : public Backend {
     }
     auto state = std::make_unique<CudaPlanState>(device_);
     const kernels::SelectionTuning tuning;
-    state->tables = kernels::build_selection_tables(plan.groups, plan.tensors, tuning);
+    state->tables = kernels::build_selection_tables(plan.groups, plan.tensors, tuning,
+                                                    plan.comm != nullptr ? plan.comm->rank() : 0);
     state->workspace = kernels::selection_workspace(state->tables);
     kernels::SelectionLaunch& launch = state->launch;
     kernels::bind_table_sizes(state->tables, &launch);
@@ -213,8 +237,13 @@ class CudaBackend final : public Backend {
                   cudaGetErrorString(pending));
     }
     const auto stream = reinterpret_cast<cudaStream_t>(call.stream);
+    // A sharded plan: the communicator sums the counters between launches.
+    Exchange exchange{plan.comm.get(), &state.tables, &launch, GMTK_SUCCESS};
+    const kernels::ExchangeHook hook{&Exchange::sum, &exchange};
+    const kernels::ExchangeHook* hook_or_null = plan.comm != nullptr ? &hook : nullptr;
     cudaError_t error = kernels::launch_selection_passes(launch, schedule, base, workspace.zeroed_bytes, occupancy_,
-                                                         stream);
+                                                         stream, hook_or_null);
+    if (exchange.status != GMTK_SUCCESS) return exchange.status;  // the communicator's message stands
     if (error != cudaSuccess) return cuda_failure("launching the selection kernels", error);
     if (schedule.update) {
       // The step's settings are bound in the plan's own copy, under a lock:
@@ -224,8 +253,9 @@ class CudaBackend final : public Backend {
       error = kernels::launch_update(launch, state.step, occupancy_.update, stream);
       if (error != cudaSuccess) return cuda_failure("launching the fused update", error);
       if (schedule.deferred) {
-        error = kernels::launch_deferred_level(launch, occupancy_, stream);
+        error = kernels::launch_deferred_level(launch, occupancy_, stream, hook_or_null);
         if (error == cudaSuccess) error = kernels::launch_finish(launch, state.step, occupancy_.update, stream);
+        if (exchange.status != GMTK_SUCCESS) return exchange.status;
         // The update is queued already: say so rather than pretend nothing changed.
         if (error != cudaSuccess) {
           return cuda_failure(

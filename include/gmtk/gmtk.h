@@ -188,6 +188,17 @@ typedef struct gmtkComm* gmtkComm_t;
  * until every rank has made the same call. For tests of a sharded layout
  * without GPUs, and the oracle of the NCCL path. */
 GMTK_API gmtkStatus_t gmtkCommCreateInProcess(int num_ranks, gmtkComm_t* comms);
+/* Wraps the caller's NCCL communicator (an ncclComm_t, passed as void* so that
+ * this header needs no NCCL header) whose CUDA device is `device`, the device
+ * of the handle the plans bound to it are made with. gmtk does not own the
+ * ncclComm_t and never destroys it: destroy the gmtkComm_t (after its plans)
+ * before the ncclComm_t. libnccl is found at run time: the copy this process
+ * already loaded (e.g. torch's), else libnccl.so.2 on the loader's path, else
+ * the file named by the environment variable GMTK_NCCL_LIBRARY. Returns
+ * GMTK_ERROR_NOT_SUPPORTED where NCCL is unavailable (a build without nccl.h,
+ * or no libnccl to load) and GMTK_ERROR_DEVICE_UNAVAILABLE without a usable
+ * CUDA device; on failure *comm is left untouched. */
+GMTK_API gmtkStatus_t gmtkCommCreateFromNccl(void* nccl_comm, int device, gmtkComm_t* comm);
 GMTK_API gmtkStatus_t gmtkCommGetRank(gmtkComm_t comm, int* rank);
 GMTK_API gmtkStatus_t gmtkCommGetSize(gmtkComm_t comm, int* size);
 /* Destroy after every plan bound to it. NULL is accepted. */

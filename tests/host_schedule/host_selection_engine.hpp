@@ -9,6 +9,7 @@
 #include <gmtk/gmtk.h>
 
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -44,15 +45,23 @@ struct EngineTrace {
   int64_t misaligned_vector_items = 0;  // a vector item whose load would fault on the device: must stay 0
   int64_t entries_deferred = 0;          // left by the update to the finish pass
   int sets_deferring = 0;                // sets whose boundary bin the update deferred
+  int exchanges = 0;                     // sharded: points where the ranks summed counters
 };
 
 class HostSelectionEngine {
  public:
   // The grid sizes stand in for the device's resident blocks; any value must
   // give the same answer.
+  // `exchange`, for a sharded plan: sums `count` counters over the ranks
+  // (what the CUDA backend does with NCCL between launches); `rank` is this
+  // engine's in the communicator.
+  using Exchange = std::function<void(unsigned long long* values, uint64_t count)>;
+
   HostSelectionEngine(const std::vector<gmtkGroupConfig_t>& groups, const std::vector<gmtkTensor_t>& tensors,
-                      const SelectionTuning& tuning, uint32_t persistent_blocks = 3)
-      : groups_(groups), tables_(build_selection_tables(groups, tensors, tuning)),
+                      const SelectionTuning& tuning, uint32_t persistent_blocks = 3, int rank = 0,
+                      Exchange exchange = nullptr)
+      : groups_(groups), tables_(build_selection_tables(groups, tensors, tuning, rank)),
+        exchange_(std::move(exchange)),
         layout_(selection_workspace(tables_)), persistent_blocks_(persistent_blocks),
         step_tensors_(build_step_tensors(tensors)), step_(std::make_unique<StepLaunch>()) {
     bind_table_sizes(tables_, &launch_);
@@ -87,24 +96,40 @@ class HostSelectionEngine {
     trace_.launches = schedule.launches();
 
     std::memset(base, 0, layout_.zeroed_bytes);  // the cudaMemsetAsync
+    const auto exchange = [&](ExchangePoint point) {
+      if (!schedule.exchange) return;
+      for (const ExchangeSpan& span : exchange_spans(tables_, p, point).span) {
+        if (span.count > 0) exchange_(span.values, span.count);
+      }
+      ++trace_.exchanges;
+    };
     if (schedule.sample) {
       histogram_pass(HistogramPass::sample, p.large_chunks);
+      exchange(ExchangePoint::sample);
       scan_sample();
     }
-    if (schedule.pass_a) histogram_pass(HistogramPass::level_0, schedule.pass_a_chunks);
+    if (schedule.pass_a) {
+      histogram_pass(HistogramPass::level_0, schedule.pass_a_chunks);
+      exchange(ExchangePoint::level_0);
+    }
     if (schedule.large_scan) scan_level();
     for (int level = 0; level < schedule.level_passes; ++level) {
       histogram_pass(HistogramPass::level, p.large_chunks);
+      exchange(ExchangePoint::level);
       scan_level();
     }
     if (schedule.small_sets) select_small_sets();
-    if (schedule.apply) apply_keep_rule();
+    if (schedule.apply) {
+      apply_keep_rule();
+      exchange(ExchangePoint::apply);
+    }
     if (schedule.update) {
       bind_step_call(groups_, args, step_.get());
       fused_update();
     }
     if (schedule.deferred) {
       histogram_pass(HistogramPass::deferred, p.large_chunks);
+      exchange(ExchangePoint::deferred);
       scan_level(true);
       finish_deferred();
     }
@@ -458,6 +483,7 @@ class HostSelectionEngine {
 
   std::vector<gmtkGroupConfig_t> groups_;
   SelectionTables tables_;
+  Exchange exchange_;
   SelectionWorkspace layout_;
   uint32_t persistent_blocks_;
   SelectionLaunch launch_{};
