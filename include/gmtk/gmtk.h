@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define GMTK_VERSION_MAJOR 0
-#define GMTK_VERSION_MINOR 1
+#define GMTK_VERSION_MINOR 2
 #define GMTK_VERSION_PATCH 0
 #define GMTK_VERSION_CODE(major, minor, patch) ((major) * 10000 + (minor) * 100 + (patch))
 #define GMTK_VERSION GMTK_VERSION_CODE(GMTK_VERSION_MAJOR, GMTK_VERSION_MINOR, GMTK_VERSION_PATCH)
@@ -161,7 +161,7 @@ typedef struct {
   float* exp_avg;           /* Adam m; SGD momentum buffer (needed when momentum != 0) */
   float* exp_avg_sq;        /* Adam v */
   float* max_exp_avg_sq;    /* Adam with amsgrad only */
-  /* Added after 0.1.0 (callers built against 0.1.0 pass the smaller
+  /* Added in 0.2.0 (callers built against 0.1.0 pass the smaller
    * tensor_struct_size and get 0 here). A shard: this record holds entries
    * [shard_offset, shard_offset + numel) of a logical tensor of logical_numel
    * entries whose other slices the other ranks of the plan's communicator hold
@@ -175,7 +175,7 @@ typedef struct {
 /* tensor_struct_size of callers built against 0.1.0, still accepted. */
 #define GMTK_TENSOR_STRUCT_SIZE_V0_1 offsetof(gmtkTensor_t, logical_numel)
 
-/* ---- Communicators (added after 0.1.0) ---------------------------------- */
+/* ---- Communicators (added in 0.2.0) ---------------------------------- */
 
 /* The ranks a sharded plan spans. gmtk keeps no global state: a communicator
  * is an object the caller creates and destroys, and each rank's plan is bound
@@ -217,7 +217,7 @@ typedef struct {
   int64_t num_tensors;
   size_t tensor_struct_size;   /* sizeof(gmtkTensor_t) (or GMTK_TENSOR_STRUCT_SIZE_V0_1): the stride of tensors[] */
   unsigned int flags;          /* GMTK_PLAN_* */
-  /* Added after 0.1.0: the ranks over which sharded tensors' thresholds are
+  /* Added in 0.2.0: the ranks over which sharded tensors' thresholds are
    * computed, or NULL. With a communicator, gmtkPlanCreate is collective: every
    * rank calls it, the ranks check that their plans agree (groups, logical
    * tensors, dtypes) and that the shards of each logical tensor tile it
