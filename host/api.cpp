@@ -63,7 +63,10 @@ gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepAr
   // others, so that all of them fail instead of waiting for it. (On a device
   // communicator that exchange would cost a host synchronization per call:
   // there, as with NCCL's own calls, the ranks' agreement is the caller's.)
-  if (plan->comm != nullptr && !plan->comm->on_device()) status = agree_on_call(*plan, operation, status);
+  if (plan->comm != nullptr && !plan->comm->on_device()) {
+    status = agree_on_call(*plan, operation, status == GMTK_SUCCESS ? call.args.gradient_reduction : GMTK_GRADIENTS_AS_GIVEN,
+                           status);
+  }
   if (status != GMTK_SUCCESS) return status;
   return plan->backend->run(*plan, call);
 }
@@ -91,7 +94,15 @@ gmtkStatus_t create_plan(gmtkHandle_t handle, const gmtkPlanConfig_t* config, gm
   GMTK_CHECK(backend.check_reachable(created->sorted_buffers.data(), created->sorted_buffers.size()));
   GMTK_CHECK(backend.check_reachable(created->sorted_scalars.data(), created->sorted_scalars.size()));
   GMTK_CHECK(backend.prepare_plan(*created));
-  if (created->comm != nullptr) created->call_verdicts.resize(2 * static_cast<size_t>(created->comm->size()));
+  if (created->comm != nullptr) {
+    created->call_verdicts.resize(2 * static_cast<size_t>(created->comm->size()));
+    for (const gmtkTensor_t& tensor : created->tensors) {
+      if (is_shard(tensor)) continue;
+      created->replica_grads.push_back(tensor.grad);
+      created->replica_numels.push_back(static_cast<uint64_t>(tensor.numel));
+      created->replica_dtypes.push_back(tensor.grad_dtype);
+    }
+  }
   if (config->flags & GMTK_PLAN_ALLOCATE_WORKSPACE) {
     size_t bytes = 0;
     GMTK_CHECK(backend.workspace_size(*created, &bytes));

@@ -5,10 +5,25 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu_reference/dtypes.hpp"
 #include "status.hpp"
 
 namespace gmtk {
 namespace {
+
+float load_gradient(const void* buffer, gmtkDtype_t dtype, uint64_t i) {
+  return reference::with_storage_type(dtype, [&](auto type) {
+    using T = decltype(type);
+    return reference::to_float(static_cast<const T*>(buffer)[i]);
+  });
+}
+
+void store_gradient(void* buffer, gmtkDtype_t dtype, uint64_t i, float value) {
+  reference::with_storage_type(dtype, [&](auto type) {
+    using T = decltype(type);
+    static_cast<T*>(buffer)[i] = reference::from_float<T>(value);
+  });
+}
 
 // The state the ranks of one in-process group share. A collective is a
 // rendezvous: each rank leaves its buffers in its slot; the last to arrive
@@ -16,7 +31,14 @@ namespace {
 // other rank is waiting, so their buffers are still), and releases them.
 class InProcessGroup {
  public:
-  enum class Kind : uint8_t { all_reduce_sum, all_gather };
+  enum class Kind : uint8_t { all_reduce_sum, all_gather, reduce_gradients_sum, reduce_gradients_mean };
+
+  // A reduce_gradients call's buffers, which `send` points to.
+  struct Gradients {
+    void* const* buffers;
+    const uint64_t* numels;
+    const gmtkDtype_t* dtypes;
+  };
 
   explicit InProcessGroup(int size) : slots_(static_cast<size_t>(size)) {}
 
@@ -51,12 +73,44 @@ class InProcessGroup {
     for (const Slot& slot : slots_) {
       if (slot.kind != slots_[0].kind || slot.length != slots_[0].length) return false;
     }
+    if (slots_[0].kind != Kind::reduce_gradients_sum && slots_[0].kind != Kind::reduce_gradients_mean) return true;
+    const auto& first = *static_cast<const Gradients*>(slots_[0].send);
+    for (const Slot& slot : slots_) {
+      const auto& gradients = *static_cast<const Gradients*>(slot.send);
+      for (size_t i = 0; i < slot.length; ++i) {
+        if (gradients.numels[i] != first.numels[i] || gradients.dtypes[i] != first.dtypes[i]) return false;
+      }
+    }
     return true;
+  }
+
+  // Entry by entry: widened to fp32, summed in rank order, divided by the
+  // rank count for the mean, rounded once to the gradient's dtype (16-bit:
+  // to nearest even); every rank gets the same bits.
+  void reduce_gradients(bool mean) {
+    const size_t tensors = slots_[0].length;
+    const float ranks = static_cast<float>(slots_.size());
+    for (size_t t = 0; t < tensors; ++t) {
+      const auto& first = *static_cast<const Gradients*>(slots_[0].send);
+      const gmtkDtype_t dtype = first.dtypes[t];
+      for (uint64_t i = 0; i < first.numels[t]; ++i) {
+        float sum = 0.0f;
+        for (const Slot& slot : slots_) {
+          sum += load_gradient(static_cast<const Gradients*>(slot.send)->buffers[t], dtype, i);
+        }
+        if (mean) sum = sum / ranks;
+        for (const Slot& slot : slots_) store_gradient(static_cast<const Gradients*>(slot.send)->buffers[t], dtype, i, sum);
+      }
+    }
   }
 
   gmtkStatus_t combine() {
     if (!same_call()) return GMTK_ERROR_INVALID_ARGUMENT;
     const size_t length = slots_[0].length;
+    if (slots_[0].kind == Kind::reduce_gradients_sum || slots_[0].kind == Kind::reduce_gradients_mean) {
+      reduce_gradients(slots_[0].kind == Kind::reduce_gradients_mean);
+      return GMTK_SUCCESS;
+    }
     if (slots_[0].kind == Kind::all_reduce_sum) {
       // Element by element, every rank's value is read before any is written:
       // no scratch needed, and the buffers may be the ranks' own in place.
@@ -97,6 +151,13 @@ class InProcessCommunicator final : public Communicator {
 
   gmtkStatus_t all_gather(const void* send, size_t bytes, void* receive, gmtkStream_t) override {
     return report(group_->collective(rank_, InProcessGroup::Kind::all_gather, send, receive, bytes));
+  }
+
+  gmtkStatus_t all_reduce_gradients(void* const* buffers, const uint64_t* numels, const gmtkDtype_t* dtypes,
+                                    size_t count, bool average, gmtkStream_t) override {
+    const InProcessGroup::Gradients gradients{buffers, numels, dtypes};
+    const auto kind = average ? InProcessGroup::Kind::reduce_gradients_mean : InProcessGroup::Kind::reduce_gradients_sum;
+    return report(group_->collective(rank_, kind, &gradients, nullptr, count));
   }
 
   bool on_device() const override { return false; }

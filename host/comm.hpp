@@ -22,6 +22,11 @@ class Communicator {
   virtual gmtkStatus_t all_reduce_sum(uint64_t* values, size_t count, gmtkStream_t stream) = 0;
   // receive[r * bytes ...] becomes rank r's `send`, on every rank.
   virtual gmtkStatus_t all_gather(const void* send, size_t bytes, void* receive, gmtkStream_t stream) = 0;
+  // Data parallel: each of `count` gradient buffers (the same tensors, in the
+  // same order, on every rank) becomes the ranks' sum or mean, in place, in
+  // its dtype. One batched call (NCCL: a group of all-reduces).
+  virtual gmtkStatus_t all_reduce_gradients(void* const* buffers, const uint64_t* numels, const gmtkDtype_t* dtypes,
+                                            size_t count, bool average, gmtkStream_t stream) = 0;
   // false: host memory, done when the call returns (in-process). true: device
   // memory, queued on the stream (NCCL).
   virtual bool on_device() const = 0;

@@ -34,6 +34,11 @@ struct Plan {
   // that a call allocates nothing. Calls on one plan do not run concurrently.
   mutable std::vector<uint64_t> call_verdicts;
   uint64_t signature = 0;  // what the ranks agreed on at creation (shards.cpp)
+  // The replica records' gradients (data parallel), for a call's
+  // gradient_reduction: listed once so that a call allocates nothing.
+  std::vector<void*> replica_grads;
+  std::vector<uint64_t> replica_numels;
+  std::vector<gmtkDtype_t> replica_dtypes;
 
   ~Plan();
 };

@@ -154,18 +154,27 @@ gmtkStatus_t agree_on_plan(Communicator& comm, Plan* plan, gmtkStatus_t local_st
   return GMTK_SUCCESS;
 }
 
-gmtkStatus_t agree_on_call(const Plan& plan, Operation operation, gmtkStatus_t local_status) {
+gmtkStatus_t agree_on_call(const Plan& plan, Operation operation, gmtkGradientReduction_t gradient_reduction,
+                           gmtkStatus_t local_status) {
   Communicator& comm = *plan.comm;
   const bool own_failed = local_status != GMTK_SUCCESS;
   Signature signature;
   signature.add(plan.signature);
   signature.add(operation);
   for (const gmtkGroupConfig_t& group : plan.groups) signature.add(group.mask_ratio);
+  signature.add(gradient_reduction);
   // A call allocates nothing: the ranks' verdicts go in the plan's buffer.
   static_assert(sizeof(RankVerdict) == 2 * sizeof(uint64_t), "Plan::call_verdicts holds two words per rank");
   auto* verdicts = reinterpret_cast<RankVerdict*>(plan.call_verdicts.data());
   return exchange_verdicts(comm, RankVerdict{static_cast<uint64_t>(local_status), signature.value()}, "call",
                            verdicts, own_failed);
+}
+
+gmtkStatus_t reduce_replica_gradients(const Plan& plan, gmtkGradientReduction_t reduction, gmtkStream_t stream) {
+  if (reduction == GMTK_GRADIENTS_AS_GIVEN) return GMTK_SUCCESS;
+  return plan.comm->all_reduce_gradients(plan.replica_grads.data(), plan.replica_numels.data(),
+                                         plan.replica_dtypes.data(), plan.replica_grads.size(),
+                                         reduction == GMTK_GRADIENTS_AVERAGE, stream);
 }
 
 }  // namespace gmtk

@@ -385,9 +385,21 @@ gmtkStatus_t validate_group_change(const Plan& plan, int32_t index, const gmtkGr
 gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, const gmtkStepArgs_t* args,
                                      void* workspace, size_t workspace_bytes, gmtkStream_t stream, Call* call) {
   GMTK_REQUIRE(args != nullptr, "args is NULL");
-  GMTK_REQUIRE(args->struct_size == sizeof(gmtkStepArgs_t),
+  GMTK_REQUIRE(args->struct_size == sizeof(gmtkStepArgs_t) || args->struct_size == GMTK_STEP_ARGS_STRUCT_SIZE_V0_1,
                "args->struct_size is %zu; expected %zu (initialise it with GMTK_STEP_ARGS_INIT)", args->struct_size,
                sizeof(gmtkStepArgs_t));
+  // A 0.1.0 caller's arguments end before gradient_reduction: read only what they have.
+  gmtkStepArgs_t given{};
+  std::memcpy(&given, args, args->struct_size);
+  given.struct_size = sizeof(gmtkStepArgs_t);
+  args = &given;
+  GMTK_REQUIRE(args->gradient_reduction == GMTK_GRADIENTS_AS_GIVEN || args->gradient_reduction == GMTK_GRADIENTS_SUM ||
+                   args->gradient_reduction == GMTK_GRADIENTS_AVERAGE,
+               "args->gradient_reduction is %d; not a gmtkGradientReduction_t",
+               static_cast<int>(args->gradient_reduction));
+  GMTK_REQUIRE(args->gradient_reduction == GMTK_GRADIENTS_AS_GIVEN || plan.comm != nullptr,
+               "args->gradient_reduction asks for the ranks' %s but the plan has no communicator",
+               args->gradient_reduction == GMTK_GRADIENTS_SUM ? "sum" : "mean");
   const bool is_step = operation == Operation::step;
   if (is_step && args->step_count == nullptr) {
     GMTK_REQUIRE(args->step >= 1, "args->step is %" PRId64 "; it is the 1-based index of this update", args->step);

@@ -10,6 +10,7 @@
 #include "../backend.hpp"
 #include "../comm.hpp"
 #include "../plan.hpp"
+#include "../shards.hpp"
 #include "../status.hpp"
 #include "../workspace.hpp"
 #include "dtypes.hpp"
@@ -219,6 +220,9 @@ class ReferenceBackend final : public Backend {
     unsigned char* base = WorkspaceLayout::aligned_base(call.workspace);
     auto* histogram = reinterpret_cast<uint64_t*>(base + offsets.histogram);
     auto* rules = reinterpret_cast<KeepRule*>(base + offsets.rules);
+
+    // Data parallel: the replicas' gradients become the ranks' sum or mean first.
+    if (plan.comm != nullptr) GMTK_CHECK(reduce_replica_gradients(plan, args.gradient_reduction, call.stream));
 
     bool found_inf = false;
     for (const gmtkTensor_t& tensor : plan.tensors) {

@@ -17,6 +17,7 @@
 #include "../backend.hpp"
 #include "../comm.hpp"
 #include "../plan.hpp"
+#include "../shards.hpp"
 #include "../status.hpp"
 #include "../workspace.hpp"
 
@@ -241,6 +242,8 @@ class CudaBackend final : public Backend {
     Exchange exchange{plan.comm.get(), &state.tables, &launch, GMTK_SUCCESS};
     const kernels::ExchangeHook hook{&Exchange::sum, &exchange};
     const kernels::ExchangeHook* hook_or_null = plan.comm != nullptr ? &hook : nullptr;
+    // Data parallel: the replicas' gradients become the ranks' sum or mean first, on the stream.
+    if (plan.comm != nullptr) GMTK_CHECK(reduce_replica_gradients(plan, call.args.gradient_reduction, call.stream));
     cudaError_t error = kernels::launch_selection_passes(launch, schedule, base, workspace.zeroed_bytes, occupancy_,
                                                          stream, hook_or_null);
     if (exchange.status != GMTK_SUCCESS) return exchange.status;  // the communicator's message stands

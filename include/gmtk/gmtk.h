@@ -250,6 +250,13 @@ GMTK_API gmtkStatus_t gmtkPlanSetGroupHyperparams(gmtkPlan_t plan, int32_t group
 
 /* ---- Steps ---------------------------------------------------------------- */
 
+/* What a call does to replica gradients first (gmtkStepArgs_t.gradient_reduction). */
+typedef enum {
+  GMTK_GRADIENTS_AS_GIVEN = 0, /* used as they are */
+  GMTK_GRADIENTS_SUM = 1,      /* replaced by their sum over the ranks */
+  GMTK_GRADIENTS_AVERAGE = 2   /* replaced by their mean over the ranks */
+} gmtkGradientReduction_t;
+
 typedef struct {
   size_t struct_size;           /* sizeof(gmtkStepArgs_t) */
   int64_t step;                 /* 1-based index of this update (bias correction, SGD's first step);
@@ -260,9 +267,17 @@ typedef struct {
   float* found_inf;             /* optional device output: 1.0f if any (unscaled) gradient is inf/NaN, else 0.0f */
   float* thresholds;            /* optional device output, num_tensors floats: T of each tensor's set */
   int64_t* kept_counts;         /* optional device output, num_tensors: entries with |g| >= T in each tensor */
+  /* Added in 0.2.0: data parallel. With a communicator, the gradients of the
+   * plan's replica records (unsharded: the same tensor on every rank) are first
+   * summed or averaged over the ranks, in place, as DDP's all-reduce would
+   * (one batched NCCL all-reduce on the stream); shards are left as they are. */
+  gmtkGradientReduction_t gradient_reduction;
 } gmtkStepArgs_t;
 
-#define GMTK_STEP_ARGS_INIT {sizeof(gmtkStepArgs_t), 1, NULL, NULL, NULL, NULL, NULL}
+/* struct_size of callers built against 0.1.0, still accepted. */
+#define GMTK_STEP_ARGS_STRUCT_SIZE_V0_1 offsetof(gmtkStepArgs_t, gradient_reduction)
+
+#define GMTK_STEP_ARGS_INIT {sizeof(gmtkStepArgs_t), 1, NULL, NULL, NULL, NULL, NULL, GMTK_GRADIENTS_AS_GIVEN}
 
 /* The full GMT step: select thresholds, then apply the masked optimizer update
  * to every tensor. If any gradient is not finite, only the outputs are written

@@ -1,0 +1,227 @@
+// Data parallel: gmtkStepArgs_t.gradient_reduction on the CPU reference
+// backend, ranks as threads of one in-process communicator. Each rank's
+// replica gradients become the ranks' sum or mean (fp32, rank order, one
+// rounding: docs/distributed.md), shards are left alone, and the step that
+// follows equals an unsharded plan stepping on those reduced gradients.
+#include <catch2/catch.hpp>
+
+#include <gmtk/gmtk.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "test_support.hpp"
+
+using namespace gmtk_test;
+
+namespace {
+
+struct Replica {
+  gmtkDtype_t dtype;
+  size_t numel;
+};
+
+const Replica kReplicas[] = {{GMTK_FLOAT32, 1000}, {GMTK_BFLOAT16, 777}, {GMTK_FLOAT16, 64}, {GMTK_FLOAT32, 3}};
+constexpr size_t kReplicaCount = sizeof(kReplicas) / sizeof(kReplicas[0]);
+
+float widen(gmtkDtype_t dtype, const unsigned char* bytes, size_t i) {
+  if (dtype == GMTK_FLOAT32) {
+    float value;
+    std::memcpy(&value, bytes + 4 * i, 4);
+    return value;
+  }
+  uint16_t bits;
+  std::memcpy(&bits, bytes + 2 * i, 2);
+  return dtype == GMTK_FLOAT16 ? half_to_float(bits) : bf16_to_float(bits);
+}
+
+void narrow(gmtkDtype_t dtype, unsigned char* bytes, size_t i, float value) {
+  if (dtype == GMTK_FLOAT32) {
+    std::memcpy(bytes + 4 * i, &value, 4);
+    return;
+  }
+  const uint16_t bits = dtype == GMTK_FLOAT16 ? half_from_float(value) : bf16_from_float(value);
+  std::memcpy(bytes + 2 * i, &bits, 2);
+}
+
+// One rank's buffers: its replica gradients (its own micro-batch's) and params/state.
+struct RankBuffers {
+  std::vector<std::vector<unsigned char>> grad;
+  std::vector<std::vector<float>> param, exp_avg, exp_avg_sq;
+
+  RankBuffers() {
+    for (const Replica& r : kReplicas) {
+      grad.emplace_back(r.numel * (r.dtype == GMTK_FLOAT32 ? 4 : 2));
+      param.emplace_back(r.numel, 0.25f);
+      exp_avg.emplace_back(r.numel, 0.0f);
+      exp_avg_sq.emplace_back(r.numel, 0.0f);
+    }
+  }
+
+  std::vector<gmtkTensor_t> records() {
+    std::vector<gmtkTensor_t> out;
+    for (size_t t = 0; t < kReplicaCount; ++t) {
+      gmtkTensor_t r{};
+      r.group = 0;
+      r.numel = static_cast<int64_t>(kReplicas[t].numel);
+      r.grad_dtype = kReplicas[t].dtype;
+      r.grad = grad[t].data();
+      r.param_dtype = GMTK_FLOAT32;
+      r.param = param[t].data();
+      r.exp_avg = exp_avg[t].data();
+      r.exp_avg_sq = exp_avg_sq[t].data();
+      out.push_back(r);
+    }
+    return out;
+  }
+};
+
+void fill(RankBuffers& buffers, uint32_t seed) {
+  std::mt19937 random(seed);
+  for (size_t t = 0; t < kReplicaCount; ++t) {
+    for (size_t i = 0; i < kReplicas[t].numel; ++i) {
+      narrow(kReplicas[t].dtype, buffers.grad[t].data(), i,
+             static_cast<float>(static_cast<int>(random() % 2001) - 1000) / 300.0f);
+    }
+  }
+}
+
+gmtkPlanConfig_t plan_config(gmtkGroupConfig_t* group, std::vector<gmtkTensor_t>& records, gmtkComm_t comm) {
+  gmtkPlanConfig_t pc = GMTK_PLAN_CONFIG_INIT;
+  pc.groups = group;
+  pc.num_groups = 1;
+  pc.tensors = records.data();
+  pc.num_tensors = static_cast<int64_t>(records.size());
+  pc.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
+  pc.comm = comm;
+  return pc;
+}
+
+void run_ranks(int ranks, gmtkGradientReduction_t reduction) {
+  INFO(ranks << " ranks, " << (reduction == GMTK_GRADIENTS_SUM ? "sum" : "mean"));
+  gmtkGroupConfig_t group;
+  REQUIRE(gmtkGroupConfigInit(&group, GMTK_OPTIMIZER_ADAMW) == GMTK_SUCCESS);
+  group.mask_ratio = 0.7;
+  group.lr = 0.01;
+
+  std::vector<RankBuffers> rank_buffers(static_cast<size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) fill(rank_buffers[r], 100u + static_cast<uint32_t>(r));
+
+  // The expected reduced gradients, computed here: fp32 sum in rank order,
+  // divided by the rank count for the mean, rounded once to the dtype.
+  RankBuffers expected;
+  for (size_t t = 0; t < kReplicaCount; ++t) {
+    for (size_t i = 0; i < kReplicas[t].numel; ++i) {
+      float sum = 0.0f;
+      for (int r = 0; r < ranks; ++r) sum += widen(kReplicas[t].dtype, rank_buffers[r].grad[t].data(), i);
+      if (reduction == GMTK_GRADIENTS_AVERAGE) sum = sum / static_cast<float>(ranks);
+      narrow(kReplicas[t].dtype, expected.grad[t].data(), i, sum);
+    }
+  }
+  const std::vector<std::vector<unsigned char>> expected_grads = expected.grad;
+
+  // The reference: one plan without a communicator on the reduced gradients.
+  gmtkHandleConfig_t hc = GMTK_HANDLE_CONFIG_INIT;
+  hc.backend = GMTK_BACKEND_CPU_REFERENCE;
+  gmtkHandle_t handle = nullptr;
+  REQUIRE(gmtkHandleCreate(&handle, &hc) == GMTK_SUCCESS);
+  std::vector<gmtkTensor_t> reference_records = expected.records();
+  gmtkPlanConfig_t reference_config = plan_config(&group, reference_records, nullptr);
+  gmtkPlan_t reference = nullptr;
+  REQUIRE(gmtkPlanCreate(handle, &reference_config, &reference) == GMTK_SUCCESS);
+  std::vector<float> want_thresholds(kReplicaCount);
+  gmtkStepArgs_t want_args = GMTK_STEP_ARGS_INIT;
+  want_args.thresholds = want_thresholds.data();
+  REQUIRE(gmtkStep(reference, &want_args, nullptr, 0, nullptr) == GMTK_SUCCESS);
+
+  std::vector<gmtkComm_t> comms(static_cast<size_t>(ranks));
+  REQUIRE(gmtkCommCreateInProcess(ranks, comms.data()) == GMTK_SUCCESS);
+  std::vector<gmtkStatus_t> statuses(static_cast<size_t>(ranks), GMTK_ERROR_INTERNAL);
+  std::vector<std::vector<float>> thresholds(static_cast<size_t>(ranks), std::vector<float>(kReplicaCount));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r) {
+    threads.emplace_back([&, r] {
+      std::vector<gmtkTensor_t> records = rank_buffers[r].records();
+      gmtkPlanConfig_t pc = plan_config(&group, records, comms[r]);
+      gmtkPlan_t plan = nullptr;
+      statuses[r] = gmtkPlanCreate(handle, &pc, &plan);
+      if (statuses[r] != GMTK_SUCCESS) return;
+      gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+      args.thresholds = thresholds[r].data();
+      args.gradient_reduction = reduction;
+      statuses[r] = gmtkStep(plan, &args, nullptr, 0, nullptr);
+      gmtkPlanDestroy(plan);
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (gmtkComm_t comm : comms) gmtkCommDestroy(comm);
+
+  for (int r = 0; r < ranks; ++r) {
+    INFO("rank " << r);
+    REQUIRE(statuses[r] == GMTK_SUCCESS);
+    for (size_t t = 0; t < kReplicaCount; ++t) {
+      INFO("tensor " << t);
+      CHECK(rank_buffers[r].grad[t] == expected_grads[t]);  // reduced in place, the same bits everywhere
+      CHECK(float_bits(thresholds[r][t]) == float_bits(want_thresholds[t]));
+      CHECK(std::memcmp(rank_buffers[r].param[t].data(), expected.param[t].data(), kReplicas[t].numel * 4) == 0);
+      CHECK(std::memcmp(rank_buffers[r].exp_avg_sq[t].data(), expected.exp_avg_sq[t].data(),
+                        kReplicas[t].numel * 4) == 0);
+    }
+  }
+  gmtkPlanDestroy(reference);
+  gmtkHandleDestroy(handle);
+}
+
+}  // namespace
+
+TEST_CASE("gradient_reduction sums or averages replica gradients over the ranks before the step", "[reduction]") {
+  for (int ranks : {1, 2, 3, 8}) {
+    run_ranks(ranks, GMTK_GRADIENTS_AVERAGE);
+    run_ranks(ranks, GMTK_GRADIENTS_SUM);
+  }
+}
+
+TEST_CASE("gradient_reduction is refused without a communicator or outside the enum; 0.1.0 args are accepted",
+          "[reduction]") {
+  gmtkHandleConfig_t hc = GMTK_HANDLE_CONFIG_INIT;
+  hc.backend = GMTK_BACKEND_CPU_REFERENCE;
+  gmtkHandle_t handle = nullptr;
+  REQUIRE(gmtkHandleCreate(&handle, &hc) == GMTK_SUCCESS);
+  gmtkGroupConfig_t group;
+  REQUIRE(gmtkGroupConfigInit(&group, GMTK_OPTIMIZER_ADAMW) == GMTK_SUCCESS);
+  RankBuffers buffers;
+  fill(buffers, 5);
+  const RankBuffers before = buffers;
+  std::vector<gmtkTensor_t> records = buffers.records();
+  gmtkPlanConfig_t pc = plan_config(&group, records, nullptr);
+  gmtkPlan_t plan = nullptr;
+  REQUIRE(gmtkPlanCreate(handle, &pc, &plan) == GMTK_SUCCESS);
+
+  gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+  args.gradient_reduction = GMTK_GRADIENTS_AVERAGE;
+  CHECK(gmtkStep(plan, &args, nullptr, 0, nullptr) == GMTK_ERROR_INVALID_ARGUMENT);
+  CHECK(std::string(gmtkGetLastErrorMessage()).find("args->gradient_reduction") != std::string::npos);
+  args.gradient_reduction = static_cast<gmtkGradientReduction_t>(7);
+  CHECK(gmtkStep(plan, &args, nullptr, 0, nullptr) == GMTK_ERROR_INVALID_ARGUMENT);
+  CHECK(std::string(gmtkGetLastErrorMessage()).find("args->gradient_reduction") != std::string::npos);
+  for (size_t t = 0; t < kReplicaCount; ++t) {  // refused: nothing written
+    CHECK(buffers.grad[t] == before.grad[t]);
+    CHECK(buffers.param[t] == before.param[t]);
+  }
+
+  // A 0.1.0 caller's arguments end before gradient_reduction; whatever follows them is not read.
+  struct {
+    gmtkStepArgs_t args;
+    unsigned char guard[8];
+  } old{};
+  old.args = GMTK_STEP_ARGS_INIT;
+  old.args.struct_size = GMTK_STEP_ARGS_STRUCT_SIZE_V0_1;
+  std::memset(reinterpret_cast<unsigned char*>(&old.args) + GMTK_STEP_ARGS_STRUCT_SIZE_V0_1, 0x5A,
+              sizeof(gmtkStepArgs_t) - GMTK_STEP_ARGS_STRUCT_SIZE_V0_1);
+  CHECK(gmtkStep(plan, &old.args, nullptr, 0, nullptr) == GMTK_SUCCESS);
+  gmtkPlanDestroy(plan);
+  gmtkHandleDestroy(handle);
+}
