@@ -56,7 +56,22 @@ done
 # In order of what a cut-short run must not lose (the device tool keeps
 # what is under OUTDIR when it stops a command): correctness, the figures,
 # then the sanitizers and the >2^31 case.
+# NCCL there is the pip package nvidia-nccl-cu13, off the loader's path: gmtk
+# and its tests load it through GMTK_NCCL_LIBRARY (docs/distributed.md).
+if [ -z "${GMTK_NCCL_LIBRARY:-}" ]; then
+  GMTK_NCCL_LIBRARY=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
+  export GMTK_NCCL_LIBRARY
+fi
+note "GMTK_NCCL_LIBRARY=${GMTK_NCCL_LIBRARY:-unset}"
 run_step gpu_tests timeout 150 "$build"/tests/gmtk_gpu_tests --durations yes
+# One rank through real NCCL end to end: the id file, the CUDA sharded step, the
+# all-gather of the slices, checked against the CPU reference by the example.
+if [ -x "$build"/examples/gmtk_example_sharded ]; then
+  rm -f "$out/nccl.id"
+  run_step example_sharded_nccl timeout 60 "$build"/examples/gmtk_example_sharded --ranks 1 --rank 0 \
+    --id-file "$out/nccl.id" --epochs 2
+  rm -f "$out/nccl.id"
+fi
 if [ -x .carry/acceptance/gmtk_differential ]; then
   run_step acceptance timeout 150 .carry/acceptance/gmtk_differential
 fi
