@@ -8,10 +8,12 @@ docs/python.md in the repository.
 
 from ._gmtk import (
     Backend,
+    Comm,
     CudaError,
     DeviceUnavailableError,
     Dtype,
     Error,
+    GradientReduction,
     GroupConfig,
     Handle,
     InsufficientWorkspaceError,
@@ -31,10 +33,12 @@ from ._gmtk import (
 
 __all__ = [
     "Backend",
+    "Comm",
     "CudaError",
     "DeviceUnavailableError",
     "Dtype",
     "Error",
+    "GradientReduction",
     "GroupConfig",
     "Handle",
     "InsufficientWorkspaceError",

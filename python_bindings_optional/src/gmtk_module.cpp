@@ -15,6 +15,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -192,6 +193,31 @@ class Handle {
   Location location_;
 };
 
+// ---- Communicator ------------------------------------------------------------------
+
+class Comm {
+ public:
+  explicit Comm(gmtkComm_t comm) : comm_(comm) {}
+  ~Comm() { gmtkCommDestroy(comm_); }
+  Comm(const Comm&) = delete;
+  Comm& operator=(const Comm&) = delete;
+
+  gmtkComm_t get() const { return comm_; }
+  int rank() const {
+    int rank = 0;
+    check(gmtkCommGetRank(comm_, &rank));
+    return rank;
+  }
+  int size() const {
+    int size = 0;
+    check(gmtkCommGetSize(comm_, &size));
+    return size;
+  }
+
+ private:
+  gmtkComm_t comm_;
+};
+
 // ---- Group config -----------------------------------------------------------------
 
 struct GroupConfig {
@@ -209,6 +235,8 @@ GroupConfig make_group_config(gmtkOptimizer_t optimizer) {
 
 struct Tensor {
   int32_t group = 0;
+  int64_t logical_numel = 0;  // a shard's logical tensor (0 with shard_offset 0: the whole tensor)
+  int64_t shard_offset = 0;
   Array grad;
   std::optional<Array> param, master_param, exp_avg, exp_avg_sq, max_exp_avg_sq;
   gmtkDtype_t grad_dtype = GMTK_FLOAT32;
@@ -220,9 +248,11 @@ struct Tensor {
 Tensor make_tensor(Array grad, int32_t group, std::optional<Array> param, std::optional<Array> master_param,
                    std::optional<Array> exp_avg, std::optional<Array> exp_avg_sq,
                    std::optional<Array> max_exp_avg_sq, std::optional<gmtkDtype_t> grad_dtype,
-                   std::optional<gmtkDtype_t> param_dtype) {
+                   std::optional<gmtkDtype_t> param_dtype, int64_t logical_numel, int64_t shard_offset) {
   Tensor tensor;
   tensor.group = group;
+  tensor.logical_numel = logical_numel;
+  tensor.shard_offset = shard_offset;
   tensor.grad_dtype = floating_dtype(grad, grad_dtype, "grad");
   tensor.grad = std::move(grad);
   check_contiguous(tensor.grad, "grad");
@@ -261,13 +291,14 @@ struct CallOutputs {
   std::optional<InputArray> inv_loss_scale;
   std::optional<Array> found_inf, thresholds, kept_counts, workspace;
   nb::object stream;
+  gmtkGradientReduction_t gradient_reduction = GMTK_GRADIENTS_AS_GIVEN;
 };
 
 class Plan {
  public:
   Plan(const Handle& handle, const std::vector<GroupConfig>& groups, const std::vector<Tensor>& tensors,
-       bool allocate_workspace, bool hold_gradients)
-      : location_(handle.location()), tensors_(tensors) {
+       bool allocate_workspace, bool hold_gradients, nb::object comm)
+      : location_(handle.location()), tensors_(tensors), comm_(comm) {
     std::vector<gmtkGroupConfig_t> group_configs;
     group_configs.reserve(groups.size());
     for (size_t g = 0; g < groups.size(); ++g) {
@@ -288,6 +319,8 @@ class Plan {
     config.tensors = records.empty() ? nullptr : records.data();
     config.num_tensors = static_cast<int64_t>(records.size());
     config.flags = allocate_workspace ? GMTK_PLAN_ALLOCATE_WORKSPACE : 0u;
+    // Kept referenced: gmtk.h asks for the communicator to outlive its plans.
+    config.comm = comm.is_none() ? nullptr : nb::cast<const Comm&>(comm).get();
     if (groups.size() > INT32_MAX) invalid_argument("groups: too many groups");
     gmtkStatus_t status;
     std::string message;
@@ -337,6 +370,7 @@ class Plan {
     using Code = nb::dlpack::dtype_code;
     gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
     args.step = outputs.step;
+    args.gradient_reduction = outputs.gradient_reduction;
     args.step_count = static_cast<int64_t*>(buffer_of(outputs.step_count, location_, "step_count", Code::Int, 64, 1));
     args.inv_loss_scale = static_cast<const float*>(
         buffer_of(outputs.inv_loss_scale, location_, "inv_loss_scale", Code::Float, 32, 1));
@@ -400,6 +434,8 @@ class Plan {
     record.exp_avg = static_cast<float*>(located(tensor.exp_avg, "exp_avg"));
     record.exp_avg_sq = static_cast<float*>(located(tensor.exp_avg_sq, "exp_avg_sq"));
     record.max_exp_avg_sq = static_cast<float*>(located(tensor.max_exp_avg_sq, "max_exp_avg_sq"));
+    record.logical_numel = tensor.logical_numel;
+    record.shard_offset = tensor.shard_offset;
     return record;
   }
 
@@ -409,6 +445,7 @@ class Plan {
   size_t workspace_bytes_ = 0;
   std::vector<Tensor> tensors_;                       // keeps every captured array alive
   std::vector<std::optional<InputArray>> lr_devices_;  // likewise, per group
+  nb::object comm_;                                    // the Comm, or None
 };
 
 void define_errors(nb::module_& m) {
@@ -466,6 +503,10 @@ NB_MODULE(_gmtk, m) {
   nb::enum_<gmtkMaskMode_t>(m, "MaskMode")
       .value("GRAD", GMTK_MASK_GRAD)
       .value("FREEZE", GMTK_MASK_FREEZE);
+  nb::enum_<gmtkGradientReduction_t>(m, "GradientReduction")
+      .value("AS_GIVEN", GMTK_GRADIENTS_AS_GIVEN)
+      .value("SUM", GMTK_GRADIENTS_SUM)
+      .value("AVERAGE", GMTK_GRADIENTS_AVERAGE);
 
   define_errors(m);
 
@@ -545,12 +586,42 @@ NB_MODULE(_gmtk, m) {
       .def_prop_rw("mask_mode", [](const GroupConfig& g) { return g.config.mask_mode; },
                    [](GroupConfig& g, gmtkMaskMode_t v) { g.config.mask_mode = v; });
 
+  nb::class_<Comm>(m, "Comm", "The ranks of a sharded plan (gmtkComm_t); see docs/distributed.md.")
+      .def_static(
+          "in_process",
+          [](int num_ranks) {
+            std::vector<gmtkComm_t> comms(num_ranks > 0 ? static_cast<size_t>(num_ranks) : 1);
+            check(gmtkCommCreateInProcess(num_ranks, comms.data()));
+            std::vector<std::unique_ptr<Comm>> out;
+            for (gmtkComm_t c : comms) out.push_back(std::make_unique<Comm>(c));
+            nb::list ranks;
+            for (auto& c : out) ranks.append(nb::cast(c.release(), nb::rv_policy::take_ownership));
+            return ranks;
+          },
+          nb::arg("num_ranks"),
+          "num_ranks linked communicators for threads of this process (CPU reference backend): element r is rank r.")
+      .def_static(
+          "from_nccl",
+          [](uintptr_t nccl_comm, int device) {
+            gmtkComm_t comm = nullptr;
+            check(gmtkCommCreateFromNccl(reinterpret_cast<void*>(nccl_comm), device, &comm));
+            return new Comm(comm);
+          },
+          nb::arg("nccl_comm"), nb::arg("device"),
+          "Wraps a caller's ncclComm_t (its address as an integer, e.g. torch's backend._comm_ptr()); "
+          "destroy this before the NCCL communicator.")
+      .def_prop_ro("rank", &Comm::rank)
+      .def_prop_ro("size", &Comm::size);
+
   nb::class_<Tensor>(m, "Tensor", "One parameter tensor's buffers (gmtkTensor_t); numel is grad's entry count.")
       .def(nb::new_(&make_tensor), nb::arg("grad"), nb::kw_only(), nb::arg("group") = 0,
            nb::arg("param") = nb::none(), nb::arg("master_param") = nb::none(), nb::arg("exp_avg") = nb::none(),
            nb::arg("exp_avg_sq") = nb::none(), nb::arg("max_exp_avg_sq") = nb::none(),
-           nb::arg("grad_dtype") = nb::none(), nb::arg("param_dtype") = nb::none())
+           nb::arg("grad_dtype") = nb::none(), nb::arg("param_dtype") = nb::none(), nb::arg("logical_numel") = 0,
+           nb::arg("shard_offset") = 0)
       .def_prop_ro("numel", &Tensor::numel)
+      .def_ro("logical_numel", &Tensor::logical_numel)
+      .def_ro("shard_offset", &Tensor::shard_offset)
       .def_ro("group", &Tensor::group)
       .def_ro("grad_dtype", &Tensor::grad_dtype)
       .def_ro("param_dtype", &Tensor::param_dtype);
@@ -558,8 +629,9 @@ NB_MODULE(_gmtk, m) {
   auto call_entry = [](Plan::Entry entry) {
     return [entry](Plan& plan, int64_t step, std::optional<Array> step_count, std::optional<InputArray> inv_loss_scale,
                    std::optional<Array> found_inf, std::optional<Array> thresholds, std::optional<Array> kept_counts,
-                   std::optional<Array> workspace, nb::object stream) {
+                   std::optional<Array> workspace, nb::object stream, gmtkGradientReduction_t gradient_reduction) {
       CallOutputs outputs;
+      outputs.gradient_reduction = gradient_reduction;
       outputs.step = step;
       outputs.step_count = std::move(step_count);
       outputs.inv_loss_scale = std::move(inv_loss_scale);
@@ -575,13 +647,14 @@ NB_MODULE(_gmtk, m) {
     cls.def(name, call(entry), nb::kw_only(), nb::arg("step") = 1, nb::arg("step_count") = nb::none(),
             nb::arg("inv_loss_scale") = nb::none(), nb::arg("found_inf") = nb::none(),
             nb::arg("thresholds") = nb::none(), nb::arg("kept_counts") = nb::none(),
-            nb::arg("workspace") = nb::none(), nb::arg("stream") = nb::none(), doc);
+            nb::arg("workspace") = nb::none(), nb::arg("stream") = nb::none(),
+            nb::arg("gradient_reduction") = GMTK_GRADIENTS_AS_GIVEN, doc);
   };
 
   nb::class_<Plan> plan(m, "Plan", "A validated set of groups and tensors (gmtkPlanCreate).");
-  plan.def(nb::init<const Handle&, const std::vector<GroupConfig>&, const std::vector<Tensor>&, bool, bool>(),
+  plan.def(nb::init<const Handle&, const std::vector<GroupConfig>&, const std::vector<Tensor>&, bool, bool, nb::object>(),
            nb::arg("handle"), nb::arg("groups"), nb::arg("tensors"), nb::kw_only(),
-           nb::arg("allocate_workspace") = true, nb::arg("hold_gradients") = true)
+           nb::arg("allocate_workspace") = true, nb::arg("hold_gradients") = true, nb::arg("comm") = nb::none())
       .def_prop_ro("workspace_size", &Plan::workspace_size,
                    "Bytes of workspace a call needs (0 for a plan that allocated its own).")
       .def_prop_ro("num_tensors", &Plan::num_tensors)
