@@ -19,12 +19,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <new>
 #include <string>
+#include <thread>
 #include <vector>
 
 // ---- Counting operator new / delete -----------------------------------------
@@ -521,6 +524,117 @@ TEST_CASE("CPU reference backend: gmtkStep, gmtkSelectThresholds, gmtkMaskGradie
   // The calls did run: each round's step with step_count advanced it, on both plans.
   CHECK(fixture.arena.read(fixture.step_count) == 6);
   CHECK(fixture.arena.read(fixture.found_inf) == 1.0f);  // the last accepted call saw the inf gradient
+}
+
+TEST_CASE("CPU reference backend: sharded calls on 3 ranks allocate nothing, collectives included", "[cpu]") {
+  // Each rank (a thread) makes its plan, then waits; the calls of every rank
+  // run between the two snapshots, the threads' own set-up and checks outside.
+  constexpr int kRanks = 3;
+  constexpr int64_t kNumel = 3000;
+  std::vector<float> grad(kNumel), param(kNumel, 0.5f), exp_avg(kNumel, 0.0f), exp_avg_sq(kNumel, 0.0f);
+  for (int64_t i = 0; i < kNumel; ++i) grad[i] = static_cast<float>((i * 7919) % 1000) / 100.0f - 5.0f;
+  gmtkHandleConfig_t hc = GMTK_HANDLE_CONFIG_INIT;
+  hc.backend = GMTK_BACKEND_CPU_REFERENCE;
+  gmtkHandle_t handle = nullptr;
+  REQUIRE(gmtkHandleCreate(&handle, &hc) == GMTK_SUCCESS);
+  gmtkGroupConfig_t groups[2];
+  REQUIRE(gmtkGroupConfigInit(&groups[0], GMTK_OPTIMIZER_ADAMW) == GMTK_SUCCESS);
+  groups[0].mask_ratio = 0.9;
+  groups[1] = groups[0];
+  groups[1].scope = GMTK_SCOPE_GLOBAL;
+  gmtkComm_t comms[kRanks];
+  REQUIRE(gmtkCommCreateInProcess(kRanks, comms) == GMTK_SUCCESS);
+
+  std::mutex mutex;
+  std::condition_variable changed;
+  int ready = 0;
+  bool go = false;
+  int finished = 0;
+  gmtkStatus_t statuses[kRanks][4] = {};
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kRanks; ++r) {
+    threads.emplace_back([&, r] {
+      const int64_t begin = kNumel * r / kRanks;
+      const int64_t end = kNumel * (r + 1) / kRanks;
+      gmtkTensor_t records[2] = {};
+      for (int t = 0; t < 2; ++t) {  // one per-tensor shard, one global-group shard, of the same buffers' halves
+        const int64_t half = kNumel / 2;
+        const int64_t b = t * half + (begin * half) / kNumel;
+        const int64_t e = t * half + (end * half) / kNumel;
+        records[t].group = t;
+        records[t].numel = e - b;
+        records[t].grad_dtype = GMTK_FLOAT32;
+        records[t].grad = grad.data() + b;
+        records[t].param_dtype = GMTK_FLOAT32;
+        records[t].param = param.data() + b;
+        records[t].exp_avg = exp_avg.data() + b;
+        records[t].exp_avg_sq = exp_avg_sq.data() + b;
+        records[t].logical_numel = half;
+        records[t].shard_offset = b - t * half;
+      }
+      gmtkPlanConfig_t config = GMTK_PLAN_CONFIG_INIT;
+      config.groups = groups;
+      config.num_groups = 2;
+      config.tensors = records;
+      config.num_tensors = 2;
+      config.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
+      config.comm = comms[r];
+      gmtkPlan_t plan = nullptr;
+      statuses[r][0] = gmtkPlanCreate(handle, &config, &plan);
+      float thresholds[2];
+      int64_t kept[2];
+      float found_inf = -1.0f;
+      gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+      args.thresholds = thresholds;
+      args.kept_counts = kept;
+      args.found_inf = &found_inf;
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        ++ready;
+        changed.notify_all();
+        changed.wait(lock, [&] { return go; });
+      }
+      if (statuses[r][0] == GMTK_SUCCESS) {
+        statuses[r][1] = gmtkSelectThresholds(plan, &args, nullptr, 0, nullptr);
+        statuses[r][2] = gmtkStep(plan, &args, nullptr, 0, nullptr);
+        statuses[r][3] = gmtkMaskGradients(plan, &args, nullptr, 0, nullptr);
+      }
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        ++finished;
+        changed.notify_all();
+        changed.wait(lock, [&] { return finished < 0; });  // released after the second snapshot
+      }
+      gmtkPlanDestroy(plan);
+    });
+  }
+  {
+    std::unique_lock<std::mutex> lock(mutex);
+    changed.wait(lock, [&] { return ready == kRanks; });
+  }
+  Counts calls{};
+  {
+    const long long allocated_before = allocations.load();
+    const long long released_before = deallocations.load();
+    {
+      std::unique_lock<std::mutex> lock(mutex);
+      go = true;
+      changed.notify_all();
+      changed.wait(lock, [&] { return finished == kRanks; });
+    }
+    calls = Counts{allocations.load() - allocated_before, deallocations.load() - released_before};
+    std::unique_lock<std::mutex> lock(mutex);
+    finished = -1;
+    changed.notify_all();
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (gmtkComm_t comm : comms) gmtkCommDestroy(comm);
+  gmtkHandleDestroy(handle);
+  for (int r = 0; r < kRanks; ++r) {
+    for (int c = 0; c < 4; ++c) CHECK(statuses[r][c] == GMTK_SUCCESS);
+  }
+  CHECK(calls.allocations == 0);
+  CHECK(calls.deallocations == 0);
 }
 
 TEST_CASE("CPU reference backend: schedule changes between steps allocate nothing", "[cpu]") {
