@@ -418,7 +418,6 @@ __global__ void __launch_bounds__(SelectionPolicy::kScanThreads) scan_level(Sele
   __shared__ uint64_t segment_sums[SelectionPolicy::kScanThreads];
   __shared__ SetState state;
   __shared__ bool scans;
-  __shared__ bool clear;
   const uint32_t set_index = p.large_sets[blockIdx.x];
   if (threadIdx.x == 0) scans = scan_begins(p, set_index, after_update, &state);
   __syncthreads();
@@ -428,9 +427,11 @@ __global__ void __launch_bounds__(SelectionPolicy::kScanThreads) scan_level(Sele
   unsigned long long* counts = p.histograms + p.sets[set_index].histogram_offset;
   sum_segments(counts, bins, segments, segment_sums);
   __syncthreads();
-  if (threadIdx.x == 0) clear = scan_finishes(p, set_index, segment_sums, segments, &state);
+  if (threadIdx.x == 0) scan_finishes(p, set_index, segment_sums, segments, &state);
   __syncthreads();
-  if (clear) clear_histogram(counts);
+  // Cleared even when the set is done: later exchanges of a sharded call sum
+  // every counter, read or not.
+  clear_histogram(counts);
 }
 
 // One block per small set: every level in shared memory, re-reading the set's

@@ -166,7 +166,7 @@ GMTK_HD bool scan_begins(const SelectionLaunch& p, uint32_t set_index, bool afte
 // Picks the boundary bin from the set's histogram (and the segment sums of its
 // `segments` runs), advances the state and stores it. On the window's level,
 // a k-th key outside the window restarts the set over the whole key space.
-// Returns whether the histogram is needed again (another level follows).
+// Returns whether another level follows.
 GMTK_HD bool scan_finishes(const SelectionLaunch& p, uint32_t set_index, const uint64_t* segment_sums,
                            uint32_t segments, SetState* state) {
   const SetRecord set = p.sets[set_index];

@@ -76,6 +76,11 @@ SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& gro
       for (const uint32_t& member : members) add_set(static_cast<uint32_t>(g), &member, 1);
     }
   }
+  // Without shards nothing is summed over the ranks (data parallel only: each
+  // rank selects its own replicas, which are the same): every rank counts.
+  if (!tables.sharded) {
+    for (SetRecord& set : tables.sets) set.counts_here = 1u;
+  }
 
   // Large sets get a histogram in the workspace (and fp32 ones a candidate
   // region); small sets are selected by one block in shared memory.
@@ -206,13 +211,15 @@ SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorksp
   return schedule;
 }
 
-ExchangeSpans exchange_spans(const SelectionTables& tables, const SelectionLaunch& launch, ExchangePoint point) {
+ExchangeSpans exchange_spans(const SelectionTables& tables, const SelectionSchedule& schedule,
+                             const SelectionLaunch& launch, ExchangePoint point) {
   ExchangeSpans spans{};
   if (point == ExchangePoint::apply) {
-    spans.span[0] = {launch.tensor_kept, tables.has_multi_tensor_sets ? tables.tensors.size() : 0};
+    spans.span[0] = {launch.tensor_kept, schedule.count_kept_per_tensor ? tables.tensors.size() : 0};
     return spans;
   }
-  spans.span[0] = {launch.histograms, tables.histogram_counters};
+  // Pass A runs for found_inf alone when no large set selects: no histogram then.
+  spans.span[0] = {launch.histograms, schedule.large_scan ? tables.histogram_counters : 0};
   // found_inf's flag is the first of the flags' words; summed, it is nonzero
   // where any rank's was (ranks < 2^32).
   if (point == ExchangePoint::level_0) spans.span[1] = {reinterpret_cast<unsigned long long*>(launch.flags), 1};

@@ -214,6 +214,7 @@ struct ExchangeSpan {
 struct ExchangeSpans {
   ExchangeSpan span[2];
 };
-ExchangeSpans exchange_spans(const SelectionTables& tables, const SelectionLaunch& launch, ExchangePoint point);
+ExchangeSpans exchange_spans(const SelectionTables& tables, const SelectionSchedule& schedule,
+                             const SelectionLaunch& launch, ExchangePoint point);
 
 }  // namespace gmtk::kernels

@@ -34,12 +34,14 @@ namespace {
 struct Exchange {
   Communicator* comm;
   const kernels::SelectionTables* tables;
+  const kernels::SelectionSchedule* schedule;
   const kernels::SelectionLaunch* launch;
   gmtkStatus_t status;
 
   static cudaError_t sum(void* context, kernels::ExchangePoint point, cudaStream_t stream) {
     auto& self = *static_cast<Exchange*>(context);
-    for (const kernels::ExchangeSpan& span : kernels::exchange_spans(*self.tables, *self.launch, point).span) {
+    for (const kernels::ExchangeSpan& span :
+         kernels::exchange_spans(*self.tables, *self.schedule, *self.launch, point).span) {
       if (span.count == 0) continue;
       self.status = self.comm->all_reduce_sum(reinterpret_cast<uint64_t*>(span.values), span.count,
                                               reinterpret_cast<gmtkStream_t>(stream));
@@ -239,22 +241,26 @@ class CudaBackend final : public Backend {
     }
     const auto stream = reinterpret_cast<cudaStream_t>(call.stream);
     // A sharded plan: the communicator sums the counters between launches.
-    Exchange exchange{plan.comm.get(), &state.tables, &launch, GMTK_SUCCESS};
+    Exchange exchange{plan.comm.get(), &state.tables, &schedule, &launch, GMTK_SUCCESS};
     const kernels::ExchangeHook hook{&Exchange::sum, &exchange};
-    const kernels::ExchangeHook* hook_or_null = plan.comm != nullptr ? &hook : nullptr;
+    const kernels::ExchangeHook* hook_or_null = plan.comm != nullptr && schedule.exchange ? &hook : nullptr;
     // Data parallel: the replicas' gradients become the ranks' sum or mean first, on the stream.
     if (plan.comm != nullptr) GMTK_CHECK(reduce_replica_gradients(plan, call.args.gradient_reduction, call.stream));
     cudaError_t error = kernels::launch_selection_passes(launch, schedule, base, workspace.zeroed_bytes, occupancy_,
                                                          stream, hook_or_null);
     if (exchange.status != GMTK_SUCCESS) return exchange.status;  // the communicator's message stands
     if (error != cudaSuccess) return cuda_failure("launching the selection kernels", error);
-    if (schedule.update) {
+    // `deferred` does not depend on this rank's chunks (a rank holding none
+    // still takes part in the deferred level's exchange); `update` does.
+    if (schedule.update || schedule.deferred) {
       // The step's settings are bound in the plan's own copy, under a lock:
       // 20 KB is too much to copy onto the stack per call.
       std::lock_guard<std::mutex> lock(state.step_mutex);
       kernels::bind_step_call(plan.groups, call.args, &state.step);
-      error = kernels::launch_update(launch, state.step, occupancy_.update, stream);
-      if (error != cudaSuccess) return cuda_failure("launching the fused update", error);
+      if (schedule.update) {
+        error = kernels::launch_update(launch, state.step, occupancy_.update, stream);
+        if (error != cudaSuccess) return cuda_failure("launching the fused update", error);
+      }
       if (schedule.deferred) {
         error = kernels::launch_deferred_level(launch, occupancy_, stream, hook_or_null);
         if (error == cudaSuccess) error = kernels::launch_finish(launch, state.step, occupancy_.update, stream);

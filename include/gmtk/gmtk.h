@@ -270,7 +270,9 @@ typedef struct {
   /* Added in 0.2.0: data parallel. With a communicator, the gradients of the
    * plan's replica records (unsharded: the same tensor on every rank) are first
    * summed or averaged over the ranks, in place, as DDP's all-reduce would
-   * (one batched NCCL all-reduce on the stream); shards are left as they are. */
+   * (one batched NCCL all-reduce on the stream); shards are left as they are.
+   * Argument checks come first; a failure after the reduction (a collective
+   * or a launch) leaves the reduced gradients behind. */
   gmtkGradientReduction_t gradient_reduction;
 } gmtkStepArgs_t;
 
@@ -285,7 +287,8 @@ typedef struct {
 GMTK_API gmtkStatus_t gmtkStep(gmtkPlan_t plan, const gmtkStepArgs_t* args, void* workspace,
                                size_t workspace_bytes, gmtkStream_t stream);
 
-/* Selection only: writes thresholds, kept_counts and found_inf; touches no tensor. */
+/* Selection only: writes thresholds, kept_counts and found_inf; touches no tensor
+ * (but replica gradients, when args->gradient_reduction asks for their reduction). */
 GMTK_API gmtkStatus_t gmtkSelectThresholds(gmtkPlan_t plan, const gmtkStepArgs_t* args, void* workspace,
                                            size_t workspace_bytes, gmtkStream_t stream);
 

@@ -98,7 +98,7 @@ class HostSelectionEngine {
     std::memset(base, 0, layout_.zeroed_bytes);  // the cudaMemsetAsync
     const auto exchange = [&](ExchangePoint point) {
       if (!schedule.exchange) return;
-      for (const ExchangeSpan& span : exchange_spans(tables_, p, point).span) {
+      for (const ExchangeSpan& span : exchange_spans(tables_, schedule, p, point).span) {
         if (span.count > 0) exchange_(span.values, span.count);
       }
       ++trace_.exchanges;
@@ -123,15 +123,17 @@ class HostSelectionEngine {
       apply_keep_rule();
       exchange(ExchangePoint::apply);
     }
-    if (schedule.update) {
+    // As the CUDA backend: the deferred level does not depend on this rank's
+    // chunks (a sharded rank without any still takes part in its exchange).
+    if (schedule.update || schedule.deferred) {
       bind_step_call(groups_, args, step_.get());
-      fused_update();
-    }
-    if (schedule.deferred) {
-      histogram_pass(HistogramPass::deferred, p.large_chunks);
-      exchange(ExchangePoint::deferred);
-      scan_level(true);
-      finish_deferred();
+      if (schedule.update) fused_update();
+      if (schedule.deferred) {
+        histogram_pass(HistogramPass::deferred, p.large_chunks);
+        exchange(ExchangePoint::deferred);
+        scan_level(true);
+        finish_deferred();
+      }
     }
     for (uint64_t t = 0; t < p.tensor_count; ++t) write_tensor_outputs(p, t);
     write_call_outputs(p);
@@ -266,13 +268,13 @@ class HostSelectionEngine {
       const uint32_t segments = scan_segments(bins, kScanThreads);
       unsigned long long* counts = p.histograms + p.sets[set_index].histogram_offset;
       sum_segments(counts, bins, segments, sums);
-      const bool clear = scan_finishes(p, set_index, sums, segments, &state);
+      scan_finishes(p, set_index, sums, segments, &state);
       if (window_level && !state.windowed) ++trace_.window_misses;
       if (state.level > 0 && !state.done && !state.gather && !state.from_candidates && levels_to_resolve(state.shift +
           log2_of_power(state.bins)) >= 2 && p.sets[set_index].dtype == kFloat32) {
         ++trace_.sets_overflowing;
       }
-      if (clear) std::fill(counts, counts + kHistogramSlots, 0ull);
+      std::fill(counts, counts + kHistogramSlots, 0ull);  // as the kernel: whether or not another level follows
     }
   }
 

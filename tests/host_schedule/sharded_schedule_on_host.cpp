@@ -80,7 +80,7 @@ void fill_params(Buffers& buffers) {
 // Each rank's [offset, offset + numel) of each sharded tensor: uneven cuts,
 // some ranks empty (trailing ones too), one tensor held by a single middle rank.
 std::vector<std::vector<std::pair<int64_t, int64_t>>> split(const std::vector<LogicalTensor>& tensors, int ranks,
-                                                            uint32_t seed) {
+                                                            uint32_t seed, bool last_rank_holds_nothing) {
   std::mt19937 random(seed);
   std::vector<std::vector<std::pair<int64_t, int64_t>>> slices(static_cast<size_t>(ranks));
   for (size_t t = 0; t < tensors.size(); ++t) {
@@ -97,6 +97,15 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> split(const std::vector<Lo
     std::sort(cuts.begin(), cuts.end());
     if (ranks > 2) cuts[static_cast<size_t>(ranks) - 1] = n;  // the last rank empty
     for (int r = 0; r < ranks; ++r) slices[r].push_back({cuts[r], cuts[r + 1] - cuts[r]});
+  }
+  if (last_rank_holds_nothing) {  // its share goes to the rank before it: it has no chunk at all
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      auto& last = slices[static_cast<size_t>(ranks) - 1][t];
+      auto& before = slices[static_cast<size_t>(ranks) - 2][t];
+      if (before.first + before.second == last.first) before.second += last.second;
+      else if (last.second > 0) before = {last.first, last.second};  // the previous rank was empty
+      last = {tensors[t].numel, 0};
+    }
   }
   return slices;
 }
@@ -168,7 +177,7 @@ SelectionTuning tiny_tuning() {
 // Runs `calls` (select, mask or step, one per entry) on the unsharded CPU
 // reference and on `ranks` host engines, comparing after each.
 void run_and_compare(const Scenario& s, int ranks, const std::vector<EngineCall>& calls, uint32_t seed,
-                     int poisoned_rank = -1, EngineTrace* total = nullptr) {
+                     int poisoned_rank = -1, EngineTrace* total = nullptr, bool last_rank_holds_nothing = false) {
   const size_t n = s.tensors.size();
   Buffers expected(s.tensors);
   Buffers shared(s.tensors);  // shards point into these, each rank at its slices
@@ -176,7 +185,9 @@ void run_and_compare(const Scenario& s, int ranks, const std::vector<EngineCall>
   fill_params(expected);
   fill_params(shared);
   for (Buffers& b : replicas) fill_params(b);
-  const auto slices = split(s.tensors, ranks, seed);
+  const auto slices = split(s.tensors, ranks, seed, last_rank_holds_nothing);
+  bool sharded = false;
+  for (const LogicalTensor& t : s.tensors) sharded = sharded || !t.replica;
 
   // The reference: one unsharded plan.
   gmtkHandleConfig_t hc = GMTK_HANDLE_CONFIG_INIT;
@@ -270,7 +281,7 @@ void run_and_compare(const Scenario& s, int ranks, const std::vector<EngineCall>
 
     for (int r = 0; r < ranks; ++r) {
       INFO("rank " << r);
-      CHECK(traces[r].exchanges > 0);
+      CHECK((traces[r].exchanges > 0) == sharded);  // replicas alone: each rank selects alone
       CHECK(traces[r].misaligned_vector_items == 0);
       if (total != nullptr) {
         total->windows_used += traces[r].windows_used;
@@ -355,3 +366,30 @@ TEST_CASE("an inf in one rank's shard makes every rank's step a no-op", "[sharde
     }
   }
 }
+
+TEST_CASE("data parallel alone: replicas only, each rank selects its own copy, no exchange",
+          "[sharded_schedule_on_host]") {
+  Scenario s = scenario(GMTK_OPTIMIZER_ADAMW, 0.9, GMTK_MASK_GRAD);
+  for (LogicalTensor& t : s.tensors) t.replica = true;
+  for (int ranks : {2, 3}) {
+    run_and_compare(s, ranks, {EngineCall::select_thresholds, EngineCall::step, EngineCall::step, EngineCall::mask_gradients},
+                    41u + ranks);
+  }
+}
+
+TEST_CASE("a rank that holds no entry at all still takes part in every exchange, the deferred level's included",
+          "[sharded_schedule_on_host]") {
+  Scenario s = scenario(GMTK_OPTIMIZER_ADAMW, 0.9, GMTK_MASK_GRAD);
+  std::vector<LogicalTensor> shards;
+  for (const LogicalTensor& t : s.tensors) {
+    if (!t.replica) shards.push_back(t);
+  }
+  s.tensors = shards;  // shards only: the last rank then has no chunk at all
+  // A step's deferred level runs on every rank (it is decided from the sets,
+  // not this rank's chunks), so the empty rank must make its exchange too.
+  for (int ranks : {2, 3, 8}) {
+    run_and_compare(s, ranks, {EngineCall::step, EngineCall::step, EngineCall::select_thresholds}, 53u + ranks, -1,
+                    nullptr, true);
+  }
+}
+
