@@ -3,6 +3,8 @@
 #include <benchmark/benchmark.h>
 
 #include <cstring>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "step_benchmarks.hpp"
@@ -112,6 +114,88 @@ void register_spec(const StepSpec& spec, int iterations = 0) {
   if (iterations > 0) benchmark->Iterations(iterations);
 }
 
+// A sharded AdamW step on 2 ranks (this benchmark's 2 threads) through the
+// in-process communicator, each rank holding an uneven part of every tensor:
+// time, and the payload bytes each rank hands to collectives per step
+// (gmtkCommGetBytes; docs/distributed.md's table for the CPU reference).
+void cpu_sharded_step(benchmark::State& state, const ShapeList& shapes, gmtkScope_t scope) {
+  constexpr int kRanks = 2;
+  static gmtkComm_t comms[kRanks];
+  static std::once_flag created;
+  std::call_once(created, [] { gmtkCommCreateInProcess(kRanks, comms); });
+  const int rank = state.thread_index();
+  const size_t count = shapes.numels.size();
+  std::vector<HostTensor> storage(count);
+  std::vector<gmtkTensor_t> tensors(count);
+  for (size_t t = 0; t < count; ++t) {
+    const int64_t n = shapes.numels[t];
+    const int64_t cut = n * 3 / 5;  // rank 0 holds [0, cut), rank 1 the rest
+    const int64_t begin = rank == 0 ? 0 : cut;
+    const auto held = static_cast<size_t>(rank == 0 ? cut : n - cut);
+    HostTensor& h = storage[t];
+    h.grad.resize(held * 4);
+    h.param.resize(held * 4);
+    h.exp_avg.assign(held, 0.0f);
+    h.exp_avg_sq.assign(held, 0.0f);
+    for (size_t i = 0; i < held; ++i) {
+      store(GMTK_FLOAT32, h.grad, i, gradient_value(Distribution::gaussian, 1, t, static_cast<size_t>(begin) + i));
+      store(GMTK_FLOAT32, h.param, i, 0.02f * standard_normal(i * 7 + t));
+    }
+    gmtkTensor_t& d = tensors[t];
+    d = gmtkTensor_t{};
+    d.numel = static_cast<int64_t>(held);
+    d.grad_dtype = GMTK_FLOAT32;
+    d.grad = h.grad.data();
+    d.param_dtype = GMTK_FLOAT32;
+    d.param = h.param.data();
+    d.exp_avg = h.exp_avg.data();
+    d.exp_avg_sq = h.exp_avg_sq.data();
+    d.logical_numel = n;
+    d.shard_offset = begin;
+  }
+  gmtkGroupConfig_t group;
+  gmtkGroupConfigInit(&group, GMTK_OPTIMIZER_ADAMW);
+  group.mask_ratio = 0.9;
+  group.scope = scope;
+  gmtkHandleConfig_t handle_config = GMTK_HANDLE_CONFIG_INIT;
+  handle_config.backend = GMTK_BACKEND_CPU_REFERENCE;
+  gmtkHandle_t handle = nullptr;
+  gmtkPlan_t plan = nullptr;
+  gmtkPlanConfig_t plan_config = GMTK_PLAN_CONFIG_INIT;
+  plan_config.groups = &group;
+  plan_config.num_groups = 1;
+  plan_config.tensors = tensors.data();
+  plan_config.num_tensors = static_cast<int64_t>(count);
+  plan_config.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
+  plan_config.comm = comms[rank];
+  // Collective: both threads make their plan (a failure fails both).
+  if (gmtkHandleCreate(&handle, &handle_config) != GMTK_SUCCESS ||
+      gmtkPlanCreate(handle, &plan_config, &plan) != GMTK_SUCCESS) {
+    state.SkipWithError(gmtkGetLastErrorMessage());
+    gmtkHandleDestroy(handle);
+    return;
+  }
+  uint64_t bytes_before = 0;
+  gmtkCommGetBytes(comms[rank], &bytes_before);
+  gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+  int64_t step = 0;
+  for (auto _ : state) {
+    args.step = ++step;
+    if (gmtkStep(plan, &args, nullptr, 0, nullptr) != GMTK_SUCCESS) {
+      state.SkipWithError(gmtkGetLastErrorMessage());
+      break;
+    }
+  }
+  uint64_t bytes_after = 0;
+  gmtkCommGetBytes(comms[rank], &bytes_after);
+  const double steps = static_cast<double>(state.iterations());
+  state.counters["comm_bytes_per_step"] =
+      benchmark::Counter(static_cast<double>(bytes_after - bytes_before) / steps, benchmark::Counter::kAvgThreads);
+  state.counters["tensors"] = benchmark::Counter(static_cast<double>(count), benchmark::Counter::kAvgThreads);
+  gmtkPlanDestroy(plan);
+  gmtkHandleDestroy(handle);
+}
+
 void cpu_memcpy(benchmark::State& state) {
   const auto bytes = static_cast<size_t>(state.range(0));
   std::vector<unsigned char> source(bytes, 1), destination(bytes, 0);
@@ -128,6 +212,15 @@ void cpu_memcpy(benchmark::State& state) {
 void register_cpu_benchmarks(bool large) {
   benchmark::RegisterBenchmark("cpu/memcpy", cpu_memcpy)->Arg(int64_t{1} << 28)->ArgName("bytes")->UseRealTime()->Unit(
       benchmark::kMillisecond);
+
+  for (const gmtkScope_t scope : {GMTK_SCOPE_PER_TENSOR, GMTK_SCOPE_GLOBAL}) {
+    const ShapeList shapes = llama_shaped_mini(2);
+    const std::string name = std::string("cpu/sharded_step/") + shapes.name + "/adamw/" +
+                             (scope == GMTK_SCOPE_GLOBAL ? "global" : "per_tensor") + "/r0.9/ranks2";
+    benchmark::RegisterBenchmark(name.c_str(), [shapes, scope](benchmark::State& state) {
+      cpu_sharded_step(state, shapes, scope);
+    })->Threads(2)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
+  }
 
   StepSpec base;
   base.device = "cpu";

@@ -259,6 +259,13 @@ gmtkStatus_t gmtkCommGetSize(gmtkComm_t comm, int* size) {
   return GMTK_SUCCESS;
 }
 
+gmtkStatus_t gmtkCommGetBytes(gmtkComm_t comm, uint64_t* bytes) {
+  GMTK_REQUIRE(comm != nullptr, "comm is NULL");
+  GMTK_REQUIRE(bytes != nullptr, "bytes is NULL");
+  *bytes = comm->communicator->payload_bytes();
+  return GMTK_SUCCESS;
+}
+
 gmtkStatus_t gmtkCommDestroy(gmtkComm_t comm) {
   return guarded([&]() -> gmtkStatus_t {
     delete comm;

@@ -146,15 +146,18 @@ class InProcessCommunicator final : public Communicator {
   int size() const override { return group_->size(); }
 
   gmtkStatus_t all_reduce_sum(uint64_t* values, size_t count, gmtkStream_t) override {
+    add_payload(count * sizeof(uint64_t));
     return report(group_->collective(rank_, InProcessGroup::Kind::all_reduce_sum, values, values, count));
   }
 
   gmtkStatus_t all_gather(const void* send, size_t bytes, void* receive, gmtkStream_t) override {
+    add_payload(bytes);
     return report(group_->collective(rank_, InProcessGroup::Kind::all_gather, send, receive, bytes));
   }
 
   gmtkStatus_t all_reduce_gradients(void* const* buffers, const uint64_t* numels, const gmtkDtype_t* dtypes,
                                     size_t count, bool average, gmtkStream_t) override {
+    for (size_t i = 0; i < count; ++i) add_payload(numels[i] * (dtypes[i] == GMTK_FLOAT32 ? 4u : 2u));
     const InProcessGroup::Gradients gradients{buffers, numels, dtypes};
     const auto kind = average ? InProcessGroup::Kind::reduce_gradients_mean : InProcessGroup::Kind::reduce_gradients_sum;
     return report(group_->collective(rank_, kind, &gradients, nullptr, count));

@@ -7,6 +7,7 @@
 
 #include <gmtk/gmtk.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -16,6 +17,9 @@ namespace gmtk {
 class Communicator {
  public:
   virtual ~Communicator() = default;
+  // Payload bytes this rank has handed to collectives so far (an all-reduce:
+  // its buffer; an all-gather: its own part), for gmtkCommGetBytes.
+  uint64_t payload_bytes() const { return payload_bytes_.load(std::memory_order_relaxed); }
   virtual int rank() const = 0;
   virtual int size() const = 0;
   // values[i] becomes the sum over ranks of values[i], on every rank.
@@ -38,6 +42,12 @@ class Communicator {
   virtual gmtkStatus_t all_gather_host(const void* send, size_t bytes, void* receive) {
     return all_gather(send, bytes, receive, nullptr);
   }
+
+ protected:
+  void add_payload(uint64_t bytes) { payload_bytes_.fetch_add(bytes, std::memory_order_relaxed); }
+
+ private:
+  std::atomic<uint64_t> payload_bytes_{0};
 };
 
 // num_ranks linked communicators for threads of this process.

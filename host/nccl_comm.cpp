@@ -181,6 +181,7 @@ class NcclCommunicator final : public Communicator {
   int size() const override { return size_; }
 
   gmtkStatus_t all_reduce_sum(uint64_t* values, size_t count, gmtkStream_t stream) override {
+    add_payload(count * sizeof(uint64_t));
     CurrentDeviceGuard guard(device_);
     return check(wait_if_in_progress(nccl_.all_reduce(values, values, count, ncclUint64, ncclSum, comm_,
                                                        reinterpret_cast<cudaStream_t>(stream))),
@@ -188,6 +189,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   gmtkStatus_t all_gather(const void* send, size_t bytes, void* receive, gmtkStream_t stream) override {
+    add_payload(bytes);
     CurrentDeviceGuard guard(device_);
     return check(wait_if_in_progress(
                      nccl_.all_gather(send, receive, bytes, ncclUint8, comm_, reinterpret_cast<cudaStream_t>(stream))),
@@ -200,6 +202,7 @@ class NcclCommunicator final : public Communicator {
   gmtkStatus_t all_reduce_gradients(void* const* buffers, const uint64_t* numels, const gmtkDtype_t* dtypes,
                                     size_t count, bool average, gmtkStream_t stream) override {
     if (count == 0) return GMTK_SUCCESS;
+    for (size_t i = 0; i < count; ++i) add_payload(numels[i] * (dtypes[i] == GMTK_FLOAT32 ? 4u : 2u));
     CurrentDeviceGuard guard(device_);
     const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
     gmtkStatus_t status = check(nccl_.group_start(), "ncclGroupStart");
@@ -223,6 +226,7 @@ class NcclCommunicator final : public Communicator {
   // Stages through device memory on a stream of its own: copy in, gather, copy
   // out, all ordered on that stream, then waits for it.
   gmtkStatus_t all_gather_host(const void* send, size_t bytes, void* receive) override {
+    add_payload(bytes);
     if (bytes == 0) return GMTK_SUCCESS;
     CurrentDeviceGuard guard(device_);
     const size_t gathered = bytes * static_cast<size_t>(size_);
