@@ -24,34 +24,10 @@
 #include <string>
 #include <utility>
 
+#include "cuda/cuda_util.hpp"
+
 namespace gmtk {
 namespace {
-
-gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
-  cudaGetLastError();  // the failed call's error must not stay behind for the caller's next CUDA call
-  return fail(error == cudaErrorMemoryAllocation ? GMTK_ERROR_OUT_OF_MEMORY : GMTK_ERROR_CUDA, "%s failed: %s",
-              what, cudaGetErrorString(error));
-}
-
-// Restores the caller's current device on scope exit: gmtk never leaves it
-// changed (the same guard as host/cuda/cuda_backend.cpp's).
-class CurrentDeviceGuard {
- public:
-  explicit CurrentDeviceGuard(int device) {
-    if (cudaGetDevice(&previous_) == cudaSuccess && previous_ != device) {
-      restore_ = cudaSetDevice(device) == cudaSuccess;
-    }
-  }
-  ~CurrentDeviceGuard() {
-    if (restore_) cudaSetDevice(previous_);
-  }
-  CurrentDeviceGuard(const CurrentDeviceGuard&) = delete;
-  CurrentDeviceGuard& operator=(const CurrentDeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-  bool restore_ = false;
-};
 
 // A dlopen handle, closed with its owner (dlopen counts references, so each
 // communicator holding its own handle needs no global state).

@@ -16,6 +16,7 @@
 #include "../../kernels/step_plan.hpp"
 #include "../backend.hpp"
 #include "../comm.hpp"
+#include "cuda_util.hpp"
 #include "../plan.hpp"
 #include "../shards.hpp"
 #include "../status.hpp"
@@ -49,31 +50,6 @@ struct Exchange {
     }
     return cudaSuccess;
   }
-};
-
-gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
-  cudaGetLastError();  // the failed call's error must not stay behind for the caller's next CUDA call
-  return fail(error == cudaErrorMemoryAllocation ? GMTK_ERROR_OUT_OF_MEMORY : GMTK_ERROR_CUDA, "%s failed: %s",
-              what, cudaGetErrorString(error));
-}
-
-// Restores the caller's current device on scope exit: gmtk never leaves it changed.
-class CurrentDeviceGuard {
- public:
-  explicit CurrentDeviceGuard(int device) {
-    if (cudaGetDevice(&previous_) == cudaSuccess && previous_ != device) {
-      restore_ = cudaSetDevice(device) == cudaSuccess;
-    }
-  }
-  ~CurrentDeviceGuard() {
-    if (restore_) cudaSetDevice(previous_);
-  }
-  CurrentDeviceGuard(const CurrentDeviceGuard&) = delete;
-  CurrentDeviceGuard& operator=(const CurrentDeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-  bool restore_ = false;
 };
 
 // Device memory of a plan's tables, freed with it.
