@@ -21,8 +21,13 @@ fi
 # The Python package for the GPU image's python3 (3.12), built here against
 # build-gpu's library and installed as a plain folder, build-gpu/python
 # (PYTHONPATH there); the image has torch, numpy and pytest.
-gpu_python=${GMTK_GPU_PYTHON:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python3.12)}
-if [ -x "$gpu_python" ]; then
+gpu_python=${GMTK_GPU_PYTHON:-}
+if [ -z "$gpu_python" ]; then  # a pyenv shim may exist and fail: take the first that runs
+  for candidate in "$HOME"/.pyenv/versions/3.12*/bin/python3.12 $(command -v python3.12 || true); do
+    if "$candidate" --version >/dev/null 2>&1; then gpu_python=$candidate; break; fi
+  done
+fi
+if [ -n "$gpu_python" ]; then
   [ -x .venv-gpu-python/bin/python ] || "$gpu_python" -m venv .venv-gpu-python
   .venv-gpu-python/bin/python -m pip install -q -r python_bindings_optional/requirements-test.txt
   rm -rf build-gpu/python
