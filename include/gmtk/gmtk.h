@@ -203,7 +203,8 @@ GMTK_API gmtkStatus_t gmtkCommGetRank(gmtkComm_t comm, int* rank);
 GMTK_API gmtkStatus_t gmtkCommGetSize(gmtkComm_t comm, int* size);
 /* Payload bytes this rank has handed to collectives through `comm` so far,
  * plan creation included (an all-reduce counts its buffer, an all-gather this
- * rank's part): what docs/distributed.md's table adds up to, for logging. */
+ * rank's part, gradient_reduction its gradients): what docs/distributed.md's
+ * table adds up to, for logging. */
 GMTK_API gmtkStatus_t gmtkCommGetBytes(gmtkComm_t comm, uint64_t* bytes);
 /* Destroy after every plan bound to it. NULL is accepted. */
 GMTK_API gmtkStatus_t gmtkCommDestroy(gmtkComm_t comm);

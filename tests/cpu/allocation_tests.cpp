@@ -526,7 +526,9 @@ TEST_CASE("CPU reference backend: gmtkStep, gmtkSelectThresholds, gmtkMaskGradie
   CHECK(fixture.arena.read(fixture.found_inf) == 1.0f);  // the last accepted call saw the inf gradient
 }
 
-TEST_CASE("CPU reference backend: sharded calls on 3 ranks allocate nothing, collectives included", "[cpu]") {
+TEST_CASE("CPU reference backend: sharded calls on 3 ranks allocate nothing, collectives and gradient reduction "
+          "included",
+          "[cpu]") {
   // Each rank (a thread) makes its plan, then waits; the calls of every rank
   // run between the two snapshots, the threads' own set-up and checks outside.
   constexpr int kRanks = 3;
@@ -544,6 +546,15 @@ TEST_CASE("CPU reference backend: sharded calls on 3 ranks allocate nothing, col
   groups[1].scope = GMTK_SCOPE_GLOBAL;
   gmtkComm_t comms[kRanks];
   REQUIRE(gmtkCommCreateInProcess(kRanks, comms) == GMTK_SUCCESS);
+  // And one replica per rank (data parallel), all-reduced by the step's gradient_reduction.
+  constexpr int64_t kReplicaNumel = 257;
+  std::vector<float> replica_grad[kRanks], replica_param[kRanks], replica_m[kRanks], replica_v[kRanks];
+  for (int r = 0; r < kRanks; ++r) {
+    replica_grad[r].assign(kReplicaNumel, 0.25f * static_cast<float>(r + 1));
+    replica_param[r].assign(kReplicaNumel, 1.0f);
+    replica_m[r].assign(kReplicaNumel, 0.0f);
+    replica_v[r].assign(kReplicaNumel, 0.0f);
+  }
 
   std::mutex mutex;
   std::condition_variable changed;
@@ -556,7 +567,15 @@ TEST_CASE("CPU reference backend: sharded calls on 3 ranks allocate nothing, col
     threads.emplace_back([&, r] {
       const int64_t begin = kNumel * r / kRanks;
       const int64_t end = kNumel * (r + 1) / kRanks;
-      gmtkTensor_t records[2] = {};
+      gmtkTensor_t records[3] = {};
+      records[2].group = 0;
+      records[2].numel = kReplicaNumel;
+      records[2].grad_dtype = GMTK_FLOAT32;
+      records[2].grad = replica_grad[r].data();
+      records[2].param_dtype = GMTK_FLOAT32;
+      records[2].param = replica_param[r].data();
+      records[2].exp_avg = replica_m[r].data();
+      records[2].exp_avg_sq = replica_v[r].data();
       for (int t = 0; t < 2; ++t) {  // one per-tensor shard, one global-group shard, of the same buffers' halves
         const int64_t half = kNumel / 2;
         const int64_t b = t * half + (begin * half) / kNumel;
@@ -576,13 +595,13 @@ TEST_CASE("CPU reference backend: sharded calls on 3 ranks allocate nothing, col
       config.groups = groups;
       config.num_groups = 2;
       config.tensors = records;
-      config.num_tensors = 2;
+      config.num_tensors = 3;
       config.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
       config.comm = comms[r];
       gmtkPlan_t plan = nullptr;
       statuses[r][0] = gmtkPlanCreate(handle, &config, &plan);
-      float thresholds[2];
-      int64_t kept[2];
+      float thresholds[3];
+      int64_t kept[3];
       float found_inf = -1.0f;
       gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
       args.thresholds = thresholds;
@@ -596,7 +615,9 @@ TEST_CASE("CPU reference backend: sharded calls on 3 ranks allocate nothing, col
       }
       if (statuses[r][0] == GMTK_SUCCESS) {
         statuses[r][1] = gmtkSelectThresholds(plan, &args, nullptr, 0, nullptr);
+        args.gradient_reduction = GMTK_GRADIENTS_AVERAGE;
         statuses[r][2] = gmtkStep(plan, &args, nullptr, 0, nullptr);
+        args.gradient_reduction = GMTK_GRADIENTS_AS_GIVEN;
         statuses[r][3] = gmtkMaskGradients(plan, &args, nullptr, 0, nullptr);
       }
       {
@@ -635,6 +656,8 @@ TEST_CASE("CPU reference backend: sharded calls on 3 ranks allocate nothing, col
   }
   CHECK(calls.allocations == 0);
   CHECK(calls.deallocations == 0);
+  // The reduction ran: every rank's replica gradient is the mean, 0.25 * (1 + 2 + 3) / 3.
+  for (int r = 0; r < kRanks; ++r) CHECK(replica_grad[r][0] == 0.5f);
 }
 
 TEST_CASE("CPU reference backend: schedule changes between steps allocate nothing", "[cpu]") {
