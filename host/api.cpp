@@ -2,6 +2,7 @@
 // point catches everything, so no exception crosses the C ABI.
 #include <gmtk/gmtk.h>
 
+#include <algorithm>
 #include <exception>
 #include <memory>
 #include <new>
@@ -64,8 +65,11 @@ gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepAr
   // communicator that exchange would cost a host synchronization per call:
   // there, as with NCCL's own calls, the ranks' agreement is the caller's.)
   if (plan->comm != nullptr && !plan->comm->on_device()) {
-    status = agree_on_call(*plan, operation, status == GMTK_SUCCESS ? call.args.gradient_reduction : GMTK_GRADIENTS_AS_GIVEN,
-                           status);
+    const bool valid = status == GMTK_SUCCESS;
+    const uint32_t mask_inputs =
+        !valid ? 0u : call.args.given_thresholds != nullptr ? 1u : call.args.given_mask_bits != nullptr ? 2u : 0u;
+    status = agree_on_call(*plan, operation, valid ? call.args.gradient_reduction : GMTK_GRADIENTS_AS_GIVEN,
+                           mask_inputs, status);
   }
   if (status != GMTK_SUCCESS) return status;
   return plan->backend->run(*plan, call);
@@ -293,6 +297,16 @@ gmtkStatus_t gmtkPlanGetWorkspaceSize(gmtkPlan_t plan, size_t* workspace_bytes) 
     *workspace_bytes = bytes;
     return GMTK_SUCCESS;
   });
+}
+
+gmtkStatus_t gmtkPlanGetMaskLayout(gmtkPlan_t plan, uint64_t* total_words, uint64_t* word_offsets) {
+  GMTK_REQUIRE(plan != nullptr, "plan is NULL");
+  GMTK_REQUIRE(total_words != nullptr, "total_words is NULL");
+  *total_words = plan->mask_words;
+  if (word_offsets != nullptr) {
+    std::copy(plan->mask_word_offsets.begin(), plan->mask_word_offsets.end(), word_offsets);
+  }
+  return GMTK_SUCCESS;
 }
 
 gmtkStatus_t gmtkPlanSetGroupHyperparams(gmtkPlan_t plan, int32_t group, const gmtkGroupConfig_t* config) {

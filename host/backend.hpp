@@ -33,8 +33,9 @@ BufferName name_of(const BufferRange& range);
 enum class Operation { select_thresholds, mask_gradients, step };
 
 // A call's own buffers are at most thresholds, kept_counts, found_inf,
-// step_count, workspace and inv_loss_scale.
-constexpr size_t kMaxCallBuffers = 6;
+// step_count, workspace, mask_bits (written), inv_loss_scale,
+// given_thresholds and given_mask_bits (read).
+constexpr size_t kMaxCallBuffers = 9;
 
 // One validated call: the caller's arguments, the workspace to use (the
 // caller's, or the plan's own), and the call's own buffers (outputs, counter,

@@ -25,6 +25,10 @@ struct Plan {
   // outputs against them without building the list.
   std::vector<BufferRange> sorted_scalars;
   bool step_buffers_complete = false;  // validate.hpp's step_buffers_complete(), kept current
+  // The mask bitmaps' layout (gmtkPlanGetMaskLayout): each tensor's first
+  // 32-bit word, and the words in all.
+  std::vector<uint64_t> mask_word_offsets;
+  uint64_t mask_words = 0;
   void* owned_workspace = nullptr;  // with GMTK_PLAN_ALLOCATE_WORKSPACE
   size_t owned_workspace_bytes = 0;
   std::unique_ptr<BackendPlanState> backend_state;  // Backend::prepare_plan's

@@ -155,7 +155,7 @@ gmtkStatus_t agree_on_plan(Communicator& comm, Plan* plan, gmtkStatus_t local_st
 }
 
 gmtkStatus_t agree_on_call(const Plan& plan, Operation operation, gmtkGradientReduction_t gradient_reduction,
-                           gmtkStatus_t local_status) {
+                           uint32_t mask_inputs, gmtkStatus_t local_status) {
   Communicator& comm = *plan.comm;
   const bool own_failed = local_status != GMTK_SUCCESS;
   Signature signature;
@@ -163,6 +163,7 @@ gmtkStatus_t agree_on_call(const Plan& plan, Operation operation, gmtkGradientRe
   signature.add(operation);
   for (const gmtkGroupConfig_t& group : plan.groups) signature.add(group.mask_ratio);
   signature.add(gradient_reduction);
+  signature.add(mask_inputs);  // which keep rule the call uses decides its collectives
   // A call allocates nothing: the ranks' verdicts go in the plan's buffer.
   static_assert(sizeof(RankVerdict) == 2 * sizeof(uint64_t), "Plan::call_verdicts holds two words per rank");
   auto* verdicts = reinterpret_cast<RankVerdict*>(plan.call_verdicts.data());

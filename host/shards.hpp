@@ -19,8 +19,9 @@ gmtkStatus_t agree_on_plan(Communicator& comm, Plan* plan, gmtkStatus_t local_st
 // signature: ranks that call two plans of one communicator in different
 // orders are caught), operation and mask ratios on every rank, every rank's
 // arguments valid.
+// `mask_inputs`: 1 with given thresholds, 2 with a given bitmap, else 0.
 gmtkStatus_t agree_on_call(const Plan& plan, Operation operation, gmtkGradientReduction_t gradient_reduction,
-                           gmtkStatus_t local_status);
+                           uint32_t mask_inputs, gmtkStatus_t local_status);
 
 // A call's gradient_reduction: the replica records' gradients summed or
 // averaged over the ranks, in place (no-op for GMTK_GRADIENTS_AS_GIVEN).

@@ -351,6 +351,11 @@ gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
   plan->sorted_buffers = std::move(ranges);
   plan->sorted_scalars = std::move(scalars);
   if (comm != nullptr) plan->comm = comm->communicator;
+  plan->mask_word_offsets.resize(plan->tensors.size());
+  for (size_t t = 0; t < plan->tensors.size(); ++t) {
+    plan->mask_word_offsets[t] = plan->mask_words;
+    plan->mask_words += (static_cast<uint64_t>(plan->tensors[t].numel) + 31) / 32;
+  }
   return GMTK_SUCCESS;
 }
 
@@ -397,6 +402,8 @@ gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, cons
                    args->gradient_reduction == GMTK_GRADIENTS_AVERAGE,
                "args->gradient_reduction is %d; not a gmtkGradientReduction_t",
                static_cast<int>(args->gradient_reduction));
+  GMTK_REQUIRE(args->given_thresholds == nullptr || args->given_mask_bits == nullptr,
+               "args->given_thresholds and args->given_mask_bits are both set; a call keeps by one of them");
   GMTK_REQUIRE(args->gradient_reduction == GMTK_GRADIENTS_AS_GIVEN || plan.comm != nullptr,
                "args->gradient_reduction asks for the ranks' %s but the plan has no communicator",
                args->gradient_reduction == GMTK_GRADIENTS_SUM ? "sum" : "mean");
@@ -429,15 +436,30 @@ gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, cons
   if (workspace != nullptr) {
     GMTK_CHECK(add_buffer(workspace, workspace_bytes, 1, Owner::call, 0, "workspace", &buffers));
   }
+  if (args->mask_bits != nullptr && plan.mask_words > 0) {
+    GMTK_CHECK(add_buffer(args->mask_bits, plan.mask_words * sizeof(uint32_t), alignof(uint32_t), Owner::call, 0,
+                          "args->mask_bits", &buffers));
+  }
   BufferRange* const written_end = buffers.end();
   GMTK_CHECK(sort_and_check_disjoint(buffers.begin(), written_end));
   for (const BufferRange& range : buffers) {
     GMTK_CHECK(check_against(plan.sorted_buffers, range));
     GMTK_CHECK(check_against(plan.sorted_scalars, range));  // scalars may repeat; find_overlap needs only sorted begins
   }
-  if (args->inv_loss_scale != nullptr) {
-    GMTK_CHECK(add_buffer(args->inv_loss_scale, sizeof(float), alignof(float), Owner::call, 0, "args->inv_loss_scale",
-                          &buffers));
+  // What the call only reads: disjoint from every buffer that is written.
+  const struct {
+    const void* pointer;
+    size_t bytes;
+    size_t alignment;
+    const char* name;
+  } inputs[] = {
+      {args->inv_loss_scale, sizeof(float), alignof(float), "args->inv_loss_scale"},
+      {args->given_thresholds, num_tensors * sizeof(float), alignof(float), "args->given_thresholds"},
+      {args->given_mask_bits, plan.mask_words * sizeof(uint32_t), alignof(uint32_t), "args->given_mask_bits"},
+  };
+  for (const auto& input : inputs) {
+    if (input.pointer == nullptr || input.bytes == 0) continue;
+    GMTK_CHECK(add_buffer(input.pointer, input.bytes, input.alignment, Owner::call, 0, input.name, &buffers));
     GMTK_CHECK(check_against(plan.sorted_buffers, buffers.back()));
     GMTK_CHECK(check_against(buffers.begin(), written_end, buffers.back()));
   }

@@ -3,6 +3,7 @@
 // a few radix-select passes per threshold, one pass for the update. Synchronous;
 // the stream argument is ignored.
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <new>
 #include <vector>
@@ -23,6 +24,7 @@ namespace {
 struct WorkspaceOffsets {
   size_t histogram;
   size_t rules;
+  size_t decisions;
   size_t kept_counts;
   size_t required_bytes;
 };
@@ -32,6 +34,7 @@ WorkspaceOffsets workspace_offsets(const Plan& plan) {
   WorkspaceOffsets offsets{};
   offsets.histogram = layout.reserve(kHistogramBins * sizeof(uint64_t));
   offsets.rules = layout.reserve(plan.tensors.size() * sizeof(KeepRule));
+  offsets.decisions = layout.reserve(plan.tensors.size() * sizeof(KeepDecision));
   // Kept counts, and one word more for found_inf: summed over the ranks together.
   offsets.kept_counts = layout.reserve((plan.tensors.size() + 1) * sizeof(uint64_t));
   offsets.required_bytes = layout.required_bytes();
@@ -106,7 +109,7 @@ void select_rules(const Plan& plan, uint64_t* histogram, KeepRule* rules, gmtkSt
 // counts[n]. With a communicator they are summed over the ranks: a shard's
 // count becomes its logical tensor's, found_inf the OR of the ranks'; a
 // replica is counted by rank 0 alone, as every rank holds the same entries.
-gmtkStatus_t count_kept_and_found_inf(const Plan& plan, const KeepRule* rules, bool found_inf, bool counts_wanted,
+gmtkStatus_t count_kept_and_found_inf(const Plan& plan, const KeepDecision* decisions, bool found_inf, bool counts_wanted,
                                       uint64_t* counts) {
   const size_t n = plan.tensors.size();
   const bool counts_replicas = plan.comm == nullptr || plan.comm->rank() == 0;
@@ -114,18 +117,34 @@ gmtkStatus_t count_kept_and_found_inf(const Plan& plan, const KeepRule* rules, b
   // ranks' collectives must be the same.
   for (size_t t = 0; t < n && (counts_wanted || plan.comm != nullptr); ++t) {
     const gmtkTensor_t& tensor = plan.tensors[t];
-    counts[t] = is_shard(tensor) || counts_replicas ? count_kept(span_of(tensor), rules[t]) : 0;
+    counts[t] = is_shard(tensor) || counts_replicas ? count_kept(span_of(tensor), decisions[t]) : 0;
   }
   counts[n] = found_inf ? 1 : 0;
   return plan.comm != nullptr ? plan.comm->all_reduce_sum(counts, n + 1, nullptr) : GMTK_SUCCESS;
 }
 
-void zero_masked_gradients(const gmtkTensor_t& tensor, KeepRule rule) {
+// The tensor's kept-mask as bits, word by word (bits past its entries 0).
+void write_mask_bits(const gmtkTensor_t& tensor, const KeepDecision& decision, uint32_t* words) {
+  with_storage_type(tensor.grad_dtype, [&](auto type) {
+    using GradT = decltype(type);
+    const auto* grad = static_cast<const GradT*>(tensor.grad);
+    const auto numel = static_cast<uint64_t>(tensor.numel);
+    for (uint64_t w = 0; w < (numel + 31) / 32; ++w) {
+      uint32_t word = 0;
+      for (uint64_t i = w * 32; i < numel && i < w * 32 + 32; ++i) {
+        if (decision.keeps(i, magnitude_key(grad[i]))) word |= 1u << (i % 32);
+      }
+      words[w] = word;
+    }
+  });
+}
+
+void zero_masked_gradients(const gmtkTensor_t& tensor, const KeepDecision& decision) {
   with_storage_type(tensor.grad_dtype, [&](auto type) {
     using GradT = decltype(type);
     auto* grad = static_cast<GradT*>(tensor.grad);
     for (int64_t i = 0; i < tensor.numel; ++i) {
-      if (!is_kept(magnitude_key(grad[i]), rule)) grad[i] = from_float<GradT>(0.0f);
+      if (!decision.keeps(static_cast<uint64_t>(i), magnitude_key(grad[i]))) grad[i] = from_float<GradT>(0.0f);
     }
   });
 }
@@ -134,13 +153,13 @@ void zero_masked_gradients(const gmtkTensor_t& tensor, KeepRule rule) {
 // frozen), loads the fp32 parameter (master if present), lets `update_entry`
 // change it with the optimizer's state, and stores master and parameter.
 template <typename GradT, typename ParamT, typename EntryUpdate>
-void update_tensor(const gmtkTensor_t& tensor, KeepRule rule, bool freeze, const float* inv_loss_scale,
+void update_tensor(const gmtkTensor_t& tensor, const KeepDecision& decision, bool freeze, const float* inv_loss_scale,
                    EntryUpdate&& update_entry) {
   const auto* grad = static_cast<const GradT*>(tensor.grad);
   auto* param = static_cast<ParamT*>(tensor.param);
   float* master = tensor.master_param;
   for (int64_t i = 0; i < tensor.numel; ++i) {
-    const bool kept = is_kept(magnitude_key(grad[i]), rule);
+    const bool kept = decision.keeps(static_cast<uint64_t>(i), magnitude_key(grad[i]));
     if (!kept && freeze) continue;
     const float g = kept ? unscaled(grad[i], inv_loss_scale) : 0.0f;
     float p = master != nullptr ? master[i] : to_float(param[i]);
@@ -151,29 +170,31 @@ void update_tensor(const gmtkTensor_t& tensor, KeepRule rule, bool freeze, const
 }
 
 template <typename EntryUpdate>
-void update_tensor_any_dtype(const gmtkTensor_t& tensor, KeepRule rule, bool freeze, const float* inv_loss_scale,
+void update_tensor_any_dtype(const gmtkTensor_t& tensor, const KeepDecision& decision, bool freeze,
+                             const float* inv_loss_scale,
                              EntryUpdate&& update_entry) {
   with_storage_type(tensor.grad_dtype, [&](auto grad_type) {
     with_storage_type(tensor.param_dtype, [&](auto param_type) {
-      update_tensor<decltype(grad_type), decltype(param_type)>(tensor, rule, freeze, inv_loss_scale, update_entry);
+      update_tensor<decltype(grad_type), decltype(param_type)>(tensor, decision, freeze, inv_loss_scale, update_entry);
     });
   });
 }
 
-void apply_optimizer(const gmtkTensor_t& tensor, const gmtkGroupConfig_t& group, KeepRule rule, int64_t step,
+void apply_optimizer(const gmtkTensor_t& tensor, const gmtkGroupConfig_t& group, const KeepDecision& decision,
+                     int64_t step,
                      const float* inv_loss_scale) {
   const double lr = group.lr_device != nullptr ? static_cast<double>(*group.lr_device) : group.lr;
   const bool freeze = group.mask_mode == GMTK_MASK_FREEZE;
   if (group.optimizer == GMTK_OPTIMIZER_SGD) {
     const SgdCoefficients c = sgd_coefficients(group, lr, step);
     float* momentum_buffer = tensor.exp_avg;
-    update_tensor_any_dtype(tensor, rule, freeze, inv_loss_scale, [&](int64_t i, float g, float& p) {
+    update_tensor_any_dtype(tensor, decision, freeze, inv_loss_scale, [&](int64_t i, float g, float& p) {
       sgd_update_entry(g, p, c.has_momentum ? &momentum_buffer[i] : nullptr, c);
     });
   } else {
     const AdamCoefficients c = adam_coefficients(group, lr, step);
     float* max_exp_avg_sq = group.amsgrad ? tensor.max_exp_avg_sq : nullptr;
-    update_tensor_any_dtype(tensor, rule, freeze, inv_loss_scale, [&](int64_t i, float g, float& p) {
+    update_tensor_any_dtype(tensor, decision, freeze, inv_loss_scale, [&](int64_t i, float g, float& p) {
       adam_update_entry(g, p, tensor.exp_avg[i], tensor.exp_avg_sq[i],
                         max_exp_avg_sq != nullptr ? &max_exp_avg_sq[i] : nullptr, c);
     });
@@ -231,34 +252,53 @@ class ReferenceBackend final : public Backend {
         break;
       }
     }
-    // The ranks of a sharded plan agreed on this call (agree_on_call); a
-    // collective can still fail when they interleave calls on several plans
-    // of one communicator: nothing is written then.
+    // How each tensor's entries are decided: a given bitmap, a given
+    // threshold, or the selection. The ranks of a sharded plan agreed on
+    // this call (agree_on_call); a collective can still fail when they
+    // interleave calls on several plans of one communicator: nothing is
+    // written then.
+    auto* decisions = reinterpret_cast<KeepDecision*>(base + offsets.decisions);
     gmtkStatus_t collective = GMTK_SUCCESS;
-    select_rules(plan, histogram, rules, &collective);
+    if (args.given_mask_bits == nullptr && args.given_thresholds == nullptr) {
+      select_rules(plan, histogram, rules, &collective);
+    }
+    for (size_t t = 0; t < plan.tensors.size(); ++t) {
+      if (args.given_mask_bits != nullptr) {
+        decisions[t] = KeepDecision{kKeepAll, args.given_mask_bits + plan.mask_word_offsets[t]};
+      } else if (args.given_thresholds != nullptr) {
+        decisions[t] = KeepDecision{rule_of_threshold(plan.tensors[t].grad_dtype, args.given_thresholds[t]), nullptr};
+      } else {
+        decisions[t] = KeepDecision{rules[t], nullptr};
+      }
+    }
     auto* counts = reinterpret_cast<uint64_t*>(base + offsets.kept_counts);
-    const gmtkStatus_t counted = count_kept_and_found_inf(plan, rules, found_inf, args.kept_counts != nullptr, counts);
+    const gmtkStatus_t counted =
+        count_kept_and_found_inf(plan, decisions, found_inf, args.kept_counts != nullptr, counts);
     if (collective != GMTK_SUCCESS) return collective;
     if (counted != GMTK_SUCCESS) return counted;
     found_inf = counts[plan.tensors.size()] != 0;
 
     for (size_t t = 0; t < plan.tensors.size(); ++t) {
       const gmtkTensor_t& tensor = plan.tensors[t];
-      if (args.thresholds != nullptr) args.thresholds[t] = threshold_value(tensor.grad_dtype, rules[t]);
+      if (args.thresholds != nullptr) {  // a given bitmap has no threshold: NaN
+        args.thresholds[t] = args.given_mask_bits != nullptr ? std::numeric_limits<float>::quiet_NaN()
+                                                             : threshold_value(tensor.grad_dtype, decisions[t].rule);
+      }
       if (args.kept_counts != nullptr) args.kept_counts[t] = static_cast<int64_t>(counts[t]);
+      if (args.mask_bits != nullptr) write_mask_bits(tensor, decisions[t], args.mask_bits + plan.mask_word_offsets[t]);
     }
     if (args.found_inf != nullptr) *args.found_inf = found_inf ? 1.0f : 0.0f;
     if (call.operation == Operation::select_thresholds || found_inf) return GMTK_SUCCESS;
 
     if (call.operation == Operation::mask_gradients) {
-      for (size_t t = 0; t < plan.tensors.size(); ++t) zero_masked_gradients(plan.tensors[t], rules[t]);
+      for (size_t t = 0; t < plan.tensors.size(); ++t) zero_masked_gradients(plan.tensors[t], decisions[t]);
       return GMTK_SUCCESS;
     }
 
     const int64_t step = args.step_count != nullptr ? *args.step_count + 1 : args.step;
     for (size_t t = 0; t < plan.tensors.size(); ++t) {
       const gmtkTensor_t& tensor = plan.tensors[t];
-      apply_optimizer(tensor, plan.groups[tensor.group], rules[t], step, args.inv_loss_scale);
+      apply_optimizer(tensor, plan.groups[tensor.group], decisions[t], step, args.inv_loss_scale);
     }
     if (args.step_count != nullptr) *args.step_count = step;
     return GMTK_SUCCESS;

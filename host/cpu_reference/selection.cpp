@@ -1,6 +1,7 @@
 #include "selection.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "../comm.hpp"
@@ -72,6 +73,27 @@ KeepRule select_sharded_keep_rule(const GradientSpan* spans, size_t span_count, 
   if (k == total) return kKeepAll;
   if (k == 0) return kKeepNone;
   return KeepRule{kth_largest_key(spans, span_count, k, &comm, histogram, status)};
+}
+
+KeepRule rule_of_threshold(gmtkDtype_t dtype, float threshold) {
+  if (!std::isnan(threshold) && !(threshold > 0.0f)) return kKeepAll;
+  return with_storage_type(dtype, [&](auto type) {
+    using T = decltype(type);
+    const T nearest = from_float<T>(threshold);
+    uint32_t key = magnitude_key(nearest);
+    if (!std::isnan(threshold) && to_float(nearest) < threshold) ++key;  // rounded down: the next value up
+    return KeepRule{key};
+  });
+}
+
+uint64_t count_kept(const GradientSpan& span, const KeepDecision& decision) {
+  return with_storage_type(span.dtype, [&](auto type) {
+    using T = decltype(type);
+    const T* data = static_cast<const T*>(span.data);
+    uint64_t kept = 0;
+    for (uint64_t i = 0; i < span.numel; ++i) kept += decision.keeps(i, magnitude_key(data[i])) ? 1 : 0;
+    return kept;
+  });
 }
 
 uint64_t count_kept(const GradientSpan& span, KeepRule rule) {

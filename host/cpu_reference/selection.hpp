@@ -30,6 +30,25 @@ constexpr KeepRule kKeepNone{0xFFFFFFFFu};  // above every 31-bit key
 
 inline bool is_kept(uint32_t key, KeepRule rule) { return key >= rule.min_kept_key; }
 
+// How a call decides a tensor's entries: by a rule on the key (selected, or
+// from a given threshold), or by a given bitmap (entry i is kept iff bit
+// i % 32 of word i / 32 is set).
+struct KeepDecision {
+  KeepRule rule;
+  const uint32_t* bits;  // null: by the rule
+
+  bool keeps(uint64_t i, uint32_t key) const {
+    return bits != nullptr ? ((bits[i / 32] >> (i % 32)) & 1u) != 0 : is_kept(key, rule);
+  }
+};
+
+// The rule of a given threshold T for gradients of `dtype`: keep |g| >= T.
+// The key is the smallest of the dtype whose value is >= T (T is rounded up
+// to the dtype: a T that is a value of the dtype, as gmtk's thresholds
+// output is, gives exactly its key); T <= 0 keeps everything; a NaN T is the
+// dtype's NaN of its payload (docs/semantics.md).
+KeepRule rule_of_threshold(gmtkDtype_t dtype, float threshold);
+
 constexpr size_t kHistogramBins = 256;
 
 // The rule for a set of spans of one dtype (one tensor, or every tensor of a
@@ -49,6 +68,7 @@ KeepRule select_sharded_keep_rule(const GradientSpan* spans, size_t span_count, 
 
 // Entries of `span` the rule keeps.
 uint64_t count_kept(const GradientSpan& span, KeepRule rule);
+uint64_t count_kept(const GradientSpan& span, const KeepDecision& decision);
 
 // T as a float: the k-th largest |g|; 0 when everything is kept, +inf when nothing is.
 float threshold_value(gmtkDtype_t dtype, KeepRule rule);

@@ -199,6 +199,11 @@ class CudaBackend final : public Backend {
                                             : call.operation == Operation::mask_gradients
                                                 ? kernels::EngineCall::mask_gradients
                                                 : kernels::EngineCall::select_thresholds;
+    if (call.args.given_thresholds != nullptr || call.args.given_mask_bits != nullptr || call.args.mask_bits != nullptr) {
+      return fail(GMTK_ERROR_NOT_SUPPORTED,
+                  "args->given_thresholds, given_mask_bits and mask_bits run on the CPU reference backend only so far "
+                  "(docs/api.md)");
+    }
     // Per-call fields go into a copy: a plan may serve calls from several threads.
     kernels::SelectionLaunch launch = state.launch;
     unsigned char* base = WorkspaceLayout::aligned_base(call.workspace);

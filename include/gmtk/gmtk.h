@@ -247,6 +247,14 @@ GMTK_API gmtkStatus_t gmtkPlanDestroy(gmtkPlan_t plan);
 /* Bytes of workspace the plan's calls need (0 for a plan that owns its workspace). */
 GMTK_API gmtkStatus_t gmtkPlanGetWorkspaceSize(gmtkPlan_t plan, size_t* workspace_bytes);
 
+/* The layout of a plan's mask bitmaps (gmtkStepArgs_t.mask_bits and
+ * given_mask_bits): tensor i's entry j is bit j % 32 of word
+ * word_offsets[i] + j / 32; each tensor starts on a word boundary; bits past
+ * a tensor's entries are written 0 and ignored when read. Writes the total
+ * number of 32-bit words, and, if word_offsets is not NULL, num_tensors
+ * offsets. A shard's bits are its own entries'. */
+GMTK_API gmtkStatus_t gmtkPlanGetMaskLayout(gmtkPlan_t plan, uint64_t* total_words, uint64_t* word_offsets);
+
 /* Changes a group's schedule between steps without rebuilding the plan:
  * lr, lr_device, weight_decay, maximize, betas, eps, momentum, dampening,
  * nesterov and mask_ratio may change; optimizer, amsgrad, scope and mask_mode
@@ -279,12 +287,19 @@ typedef struct {
    * Argument checks come first; a failure after the reduction (a collective
    * or a launch) leaves the reduced gradients behind. */
   gmtkGradientReduction_t gradient_reduction;
+  /* Added in 0.2.0: mask schedules (docs/semantics.md, "Mask schedules").
+   * CPU reference backend only so far (GMTK_ERROR_NOT_SUPPORTED on CUDA).
+   * At most one of the two inputs; with either, nothing is selected. */
+  const float* given_thresholds;   /* optional device input, num_tensors floats: tensor i keeps |g| >= T_i */
+  const uint32_t* given_mask_bits; /* optional device input: keeps exactly the set bits (gmtkPlanGetMaskLayout) */
+  uint32_t* mask_bits;             /* optional device output: the call's kept-mask, 1 bit per entry, same layout */
 } gmtkStepArgs_t;
 
 /* struct_size of callers built against 0.1.0, still accepted. */
 #define GMTK_STEP_ARGS_STRUCT_SIZE_V0_1 offsetof(gmtkStepArgs_t, gradient_reduction)
 
-#define GMTK_STEP_ARGS_INIT {sizeof(gmtkStepArgs_t), 1, NULL, NULL, NULL, NULL, NULL, GMTK_GRADIENTS_AS_GIVEN}
+#define GMTK_STEP_ARGS_INIT \
+  {sizeof(gmtkStepArgs_t), 1, NULL, NULL, NULL, NULL, NULL, GMTK_GRADIENTS_AS_GIVEN, NULL, NULL, NULL}
 
 /* The full GMT step: select thresholds, then apply the masked optimizer update
  * to every tensor. If any gradient is not finite, only the outputs are written
