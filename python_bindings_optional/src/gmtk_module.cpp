@@ -292,6 +292,8 @@ struct CallOutputs {
   std::optional<Array> found_inf, thresholds, kept_counts, workspace;
   nb::object stream;
   gmtkGradientReduction_t gradient_reduction = GMTK_GRADIENTS_AS_GIVEN;
+  std::optional<InputArray> given_thresholds, given_mask_bits;
+  std::optional<Array> mask_bits;
 };
 
 class Plan {
@@ -348,6 +350,19 @@ class Plan {
   }
 
   size_t workspace_size() const { return live()->workspace_bytes_; }
+
+  uint64_t mask_words() const {
+    uint64_t words = 0;
+    check(gmtkPlanGetMaskLayout(live()->plan_, &words, nullptr));
+    return words;
+  }
+
+  std::vector<uint64_t> mask_word_offsets() const {
+    std::vector<uint64_t> offsets(tensors_.size());
+    uint64_t words = 0;
+    check(gmtkPlanGetMaskLayout(live()->plan_, &words, offsets.data()));
+    return offsets;
+  }
   int64_t num_tensors() const { return static_cast<int64_t>(live()->tensors_.size()); }
 
   void set_group_hyperparams(int32_t group, const GroupConfig& group_config) {
@@ -371,6 +386,12 @@ class Plan {
     gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
     args.step = outputs.step;
     args.gradient_reduction = outputs.gradient_reduction;
+    args.given_thresholds = static_cast<const float*>(
+        buffer_of(outputs.given_thresholds, location_, "given_thresholds", Code::Float, 32, count));
+    args.given_mask_bits = static_cast<const uint32_t*>(
+        buffer_of(outputs.given_mask_bits, location_, "given_mask_bits", Code::UInt, 32, mask_words()));
+    args.mask_bits = static_cast<uint32_t*>(buffer_of(outputs.mask_bits, location_, "mask_bits", Code::UInt, 32,
+                                                      mask_words()));
     args.step_count = static_cast<int64_t*>(buffer_of(outputs.step_count, location_, "step_count", Code::Int, 64, 1));
     args.inv_loss_scale = static_cast<const float*>(
         buffer_of(outputs.inv_loss_scale, location_, "inv_loss_scale", Code::Float, 32, 1));
@@ -629,9 +650,14 @@ NB_MODULE(_gmtk, m) {
   auto call_entry = [](Plan::Entry entry) {
     return [entry](Plan& plan, int64_t step, std::optional<Array> step_count, std::optional<InputArray> inv_loss_scale,
                    std::optional<Array> found_inf, std::optional<Array> thresholds, std::optional<Array> kept_counts,
-                   std::optional<Array> workspace, nb::object stream, gmtkGradientReduction_t gradient_reduction) {
+                   std::optional<Array> workspace, nb::object stream, gmtkGradientReduction_t gradient_reduction,
+                   std::optional<InputArray> given_thresholds, std::optional<InputArray> given_mask_bits,
+                   std::optional<Array> mask_bits) {
       CallOutputs outputs;
       outputs.gradient_reduction = gradient_reduction;
+      outputs.given_thresholds = std::move(given_thresholds);
+      outputs.given_mask_bits = std::move(given_mask_bits);
+      outputs.mask_bits = std::move(mask_bits);
       outputs.step = step;
       outputs.step_count = std::move(step_count);
       outputs.inv_loss_scale = std::move(inv_loss_scale);
@@ -648,7 +674,8 @@ NB_MODULE(_gmtk, m) {
             nb::arg("inv_loss_scale") = nb::none(), nb::arg("found_inf") = nb::none(),
             nb::arg("thresholds") = nb::none(), nb::arg("kept_counts") = nb::none(),
             nb::arg("workspace") = nb::none(), nb::arg("stream") = nb::none(),
-            nb::arg("gradient_reduction") = GMTK_GRADIENTS_AS_GIVEN, doc);
+            nb::arg("gradient_reduction") = GMTK_GRADIENTS_AS_GIVEN, nb::arg("given_thresholds") = nb::none(),
+            nb::arg("given_mask_bits") = nb::none(), nb::arg("mask_bits") = nb::none(), doc);
   };
 
   nb::class_<Plan> plan(m, "Plan", "A validated set of groups and tensors (gmtkPlanCreate).");
@@ -658,6 +685,8 @@ NB_MODULE(_gmtk, m) {
       .def_prop_ro("workspace_size", &Plan::workspace_size,
                    "Bytes of workspace a call needs (0 for a plan that allocated its own).")
       .def_prop_ro("num_tensors", &Plan::num_tensors)
+      .def_prop_ro("mask_words", &Plan::mask_words, "32-bit words of a mask bitmap (gmtkPlanGetMaskLayout).")
+      .def_prop_ro("mask_word_offsets", &Plan::mask_word_offsets, "Each tensor's first word in a mask bitmap.")
       .def("set_group_hyperparams", &Plan::set_group_hyperparams, nb::arg("group"), nb::arg("config"))
       .def("close", &Plan::close, "Destroys the plan now and releases the arrays it holds.")
       .def("__enter__", [](Plan& p) -> Plan& { return p; }, nb::rv_policy::reference)
