@@ -54,6 +54,11 @@ uint64_t kept_target(double mask_ratio, uint64_t n);
 // A record that holds a slice of a logical tensor (gmtkTensor_t.logical_numel).
 inline bool is_shard(const gmtkTensor_t& tensor) { return tensor.logical_numel != 0 || tensor.shard_offset != 0; }
 
+// The dtype of the keys a tensor is selected on: its score's, else its gradient's.
+inline gmtkDtype_t selection_dtype(const gmtkTensor_t& tensor) {
+  return tensor.score != nullptr ? tensor.score_dtype : tensor.grad_dtype;
+}
+
 // Entries of the tensor the record is part of: the logical tensor of a shard,
 // else the record itself.
 inline uint64_t logical_numel(const gmtkTensor_t& tensor) {

@@ -41,6 +41,7 @@ uint64_t plan_signature(const Plan& plan) {
   for (const gmtkTensor_t& tensor : plan.tensors) {
     signature.add(tensor.group);
     signature.add(tensor.grad_dtype);
+    signature.add(selection_dtype(tensor));
     signature.add(is_shard(tensor));
     signature.add(logical_numel(tensor));
   }

@@ -144,9 +144,17 @@ gmtkStatus_t validate_tensor(const gmtkTensor_t& tensor, int64_t index, int32_t 
                  "; a shard must lie inside it",
                  index, tensor.shard_offset, tensor.shard_offset + tensor.numel, tensor.logical_numel);
   }
+  if (tensor.score != nullptr) {
+    GMTK_REQUIRE(is_valid_dtype(tensor.score_dtype), "tensors[%" PRId64 "].score_dtype is %d; not a gmtkDtype_t",
+                 index, static_cast<int>(tensor.score_dtype));
+  }
   if (tensor.numel == 0) return GMTK_SUCCESS;
 
   const uint64_t n = static_cast<uint64_t>(tensor.numel);
+  if (tensor.score != nullptr) {
+    GMTK_CHECK(add_buffer(tensor.score, n * dtype_size(tensor.score_dtype), dtype_size(tensor.score_dtype),
+                          Owner::tensor, index, "score", ranges));
+  }
   GMTK_CHECK(add_buffer(tensor.grad, n * dtype_size(tensor.grad_dtype), dtype_size(tensor.grad_dtype), Owner::tensor, index, "grad",
                         ranges));
   if (tensor.param == nullptr) {
@@ -333,13 +341,13 @@ gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
                     "and replicas together is not supported (put them in separate groups)",
                     tensors_of_group[tensor.group].front(), t, tensor.group);
       }
-      if (first.grad_dtype != tensor.grad_dtype) {
+      if (selection_dtype(first) != selection_dtype(tensor)) {
         return fail(GMTK_ERROR_NOT_SUPPORTED,
-                    "tensors[%" PRId64 "].grad_dtype is %s but tensors[%" PRId64
-                    "] of the same global-scope group %d is %s; a global threshold needs one gradient dtype per "
-                    "group (split the group)",
-                    t, dtype_name(tensor.grad_dtype), tensors_of_group[tensor.group].front(), tensor.group,
-                    dtype_name(first.grad_dtype));
+                    "tensors[%" PRId64 "] selects on %s %s but tensors[%" PRId64
+                    "] of the same global-scope group %d on %s; a global threshold needs one gradient dtype per "
+                    "group, or one score dtype (split the group)",
+                    t, tensor.score != nullptr ? "a score of" : "gradients of", dtype_name(selection_dtype(tensor)),
+                    tensors_of_group[tensor.group].front(), tensor.group, dtype_name(selection_dtype(first)));
       }
     }
     tensors_of_group[tensor.group].push_back(t);

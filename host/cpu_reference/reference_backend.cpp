@@ -41,8 +41,18 @@ WorkspaceOffsets workspace_offsets(const Plan& plan) {
   return offsets;
 }
 
+// What a tensor is selected on: its score if it has one, else its gradient.
 GradientSpan span_of(const gmtkTensor_t& tensor) {
-  return GradientSpan{tensor.grad_dtype, tensor.grad, static_cast<uint64_t>(tensor.numel)};
+  return tensor.score != nullptr ? GradientSpan{tensor.score_dtype, tensor.score, static_cast<uint64_t>(tensor.numel)}
+                                 : GradientSpan{tensor.grad_dtype, tensor.grad, static_cast<uint64_t>(tensor.numel)};
+}
+
+// The selection key of entry i: of the score, else of the gradient.
+uint32_t selection_key(const GradientSpan& span, uint64_t i) {
+  return with_storage_type(span.dtype, [&](auto type) {
+    using T = decltype(type);
+    return magnitude_key(static_cast<const T*>(span.data)[i]);
+  });
 }
 
 template <typename GradT>
@@ -125,26 +135,26 @@ gmtkStatus_t count_kept_and_found_inf(const Plan& plan, const KeepDecision* deci
 
 // The tensor's kept-mask as bits, word by word (bits past its entries 0).
 void write_mask_bits(const gmtkTensor_t& tensor, const KeepDecision& decision, uint32_t* words) {
-  with_storage_type(tensor.grad_dtype, [&](auto type) {
-    using GradT = decltype(type);
-    const auto* grad = static_cast<const GradT*>(tensor.grad);
-    const auto numel = static_cast<uint64_t>(tensor.numel);
-    for (uint64_t w = 0; w < (numel + 31) / 32; ++w) {
-      uint32_t word = 0;
-      for (uint64_t i = w * 32; i < numel && i < w * 32 + 32; ++i) {
-        if (decision.keeps(i, magnitude_key(grad[i]))) word |= 1u << (i % 32);
-      }
-      words[w] = word;
+  const GradientSpan keys = span_of(tensor);
+  const auto numel = static_cast<uint64_t>(tensor.numel);
+  for (uint64_t w = 0; w < (numel + 31) / 32; ++w) {
+    uint32_t word = 0;
+    for (uint64_t i = w * 32; i < numel && i < w * 32 + 32; ++i) {
+      if (decision.keeps(i, selection_key(keys, i))) word |= 1u << (i % 32);
     }
-  });
+    words[w] = word;
+  }
 }
 
 void zero_masked_gradients(const gmtkTensor_t& tensor, const KeepDecision& decision) {
+  const GradientSpan keys = span_of(tensor);
   with_storage_type(tensor.grad_dtype, [&](auto type) {
     using GradT = decltype(type);
     auto* grad = static_cast<GradT*>(tensor.grad);
     for (int64_t i = 0; i < tensor.numel; ++i) {
-      if (!decision.keeps(static_cast<uint64_t>(i), magnitude_key(grad[i]))) grad[i] = from_float<GradT>(0.0f);
+      if (!decision.keeps(static_cast<uint64_t>(i), selection_key(keys, static_cast<uint64_t>(i)))) {
+        grad[i] = from_float<GradT>(0.0f);
+      }
     }
   });
 }
@@ -155,11 +165,12 @@ void zero_masked_gradients(const gmtkTensor_t& tensor, const KeepDecision& decis
 template <typename GradT, typename ParamT, typename EntryUpdate>
 void update_tensor(const gmtkTensor_t& tensor, const KeepDecision& decision, bool freeze, const float* inv_loss_scale,
                    EntryUpdate&& update_entry) {
+  const GradientSpan keys = span_of(tensor);
   const auto* grad = static_cast<const GradT*>(tensor.grad);
   auto* param = static_cast<ParamT*>(tensor.param);
   float* master = tensor.master_param;
   for (int64_t i = 0; i < tensor.numel; ++i) {
-    const bool kept = decision.keeps(static_cast<uint64_t>(i), magnitude_key(grad[i]));
+    const bool kept = decision.keeps(static_cast<uint64_t>(i), selection_key(keys, static_cast<uint64_t>(i)));
     if (!kept && freeze) continue;
     const float g = kept ? unscaled(grad[i], inv_loss_scale) : 0.0f;
     float p = master != nullptr ? master[i] : to_float(param[i]);

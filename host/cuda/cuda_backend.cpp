@@ -153,6 +153,13 @@ class CudaBackend final : public Backend {
       return fail(GMTK_ERROR_NOT_SUPPORTED, "config->num_groups is %zu; the CUDA backend takes at most %d groups",
                   plan.groups.size(), kernels::kMaxGroupsOnCuda);
     }
+    for (size_t t = 0; t < plan.tensors.size(); ++t) {
+      if (plan.tensors[t].score != nullptr) {
+        return fail(GMTK_ERROR_NOT_SUPPORTED,
+                    "tensors[%zu].score is set: score-based selection runs on the CPU reference backend only so far",
+                    t);
+      }
+    }
     if (plan.tensors.size() > 0x7FFFFFFFu) {
       return fail(GMTK_ERROR_NOT_SUPPORTED, "config->num_tensors is %zu; the CUDA backend takes at most 2^31 - 1",
                   plan.tensors.size());

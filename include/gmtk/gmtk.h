@@ -170,6 +170,12 @@ typedef struct {
    * the logical tensor's (or the group's logical tensors'). */
   int64_t logical_numel;
   int64_t shard_offset;
+  /* Added in 0.2.0: score-based selection (SPEC section 8). If set, the mask
+   * is chosen on |score| (numel entries of score_dtype, same key rules) and
+   * applied to the gradient; found_inf still checks the gradient. CPU
+   * reference backend only so far (a CUDA plan refuses it). */
+  const void* score;
+  gmtkDtype_t score_dtype;
 } gmtkTensor_t;
 
 /* tensor_struct_size of callers built against 0.1.0, still accepted. */

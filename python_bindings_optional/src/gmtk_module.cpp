@@ -237,6 +237,8 @@ struct Tensor {
   int32_t group = 0;
   int64_t logical_numel = 0;  // a shard's logical tensor (0 with shard_offset 0: the whole tensor)
   int64_t shard_offset = 0;
+  std::optional<InputArray> score;  // selects the mask instead of the gradient
+  gmtkDtype_t score_dtype = GMTK_FLOAT32;
   Array grad;
   std::optional<Array> param, master_param, exp_avg, exp_avg_sq, max_exp_avg_sq;
   gmtkDtype_t grad_dtype = GMTK_FLOAT32;
@@ -248,7 +250,8 @@ struct Tensor {
 Tensor make_tensor(Array grad, int32_t group, std::optional<Array> param, std::optional<Array> master_param,
                    std::optional<Array> exp_avg, std::optional<Array> exp_avg_sq,
                    std::optional<Array> max_exp_avg_sq, std::optional<gmtkDtype_t> grad_dtype,
-                   std::optional<gmtkDtype_t> param_dtype, int64_t logical_numel, int64_t shard_offset) {
+                   std::optional<gmtkDtype_t> param_dtype, int64_t logical_numel, int64_t shard_offset,
+                   std::optional<InputArray> score) {
   Tensor tensor;
   tensor.group = group;
   tensor.logical_numel = logical_numel;
@@ -274,6 +277,17 @@ Tensor make_tensor(Array grad, int32_t group, std::optional<Array> param, std::o
     if (*array && !is_dtype((*array)->dtype(), nb::dlpack::dtype_code::Float, 32))
       invalid_argument(std::string(name) + " has dtype " + dtype_name((*array)->dtype()) +
                        ", expected float32 (optimizer state and master weights are fp32)");
+  }
+  if (score) {
+    if (score->size() != numel)
+      invalid_argument("score has " + std::to_string(score->size()) + " entries, grad has " + std::to_string(numel));
+    check_contiguous(*score, "score");
+    const nb::dlpack::dtype dtype = score->dtype();
+    if (is_dtype(dtype, nb::dlpack::dtype_code::Float, 32)) tensor.score_dtype = GMTK_FLOAT32;
+    else if (is_dtype(dtype, nb::dlpack::dtype_code::Float, 16)) tensor.score_dtype = GMTK_FLOAT16;
+    else if (is_dtype(dtype, nb::dlpack::dtype_code::Bfloat, 16)) tensor.score_dtype = GMTK_BFLOAT16;
+    else invalid_argument("score has dtype " + dtype_name(dtype) + "; gmtk takes float32, float16 or bfloat16");
+    tensor.score = std::move(score);
   }
   tensor.param = std::move(param);
   tensor.master_param = std::move(master_param);
@@ -457,6 +471,11 @@ class Plan {
     record.max_exp_avg_sq = static_cast<float*>(located(tensor.max_exp_avg_sq, "max_exp_avg_sq"));
     record.logical_numel = tensor.logical_numel;
     record.shard_offset = tensor.shard_offset;
+    if (tensor.score) {
+      check_location(*tensor.score, location_, prefix + "score");
+      record.score = tensor.score->data();
+      record.score_dtype = tensor.score_dtype;
+    }
     return record;
   }
 
@@ -639,7 +658,7 @@ NB_MODULE(_gmtk, m) {
            nb::arg("param") = nb::none(), nb::arg("master_param") = nb::none(), nb::arg("exp_avg") = nb::none(),
            nb::arg("exp_avg_sq") = nb::none(), nb::arg("max_exp_avg_sq") = nb::none(),
            nb::arg("grad_dtype") = nb::none(), nb::arg("param_dtype") = nb::none(), nb::arg("logical_numel") = 0,
-           nb::arg("shard_offset") = 0)
+           nb::arg("shard_offset") = 0, nb::arg("score") = nb::none())
       .def_prop_ro("numel", &Tensor::numel)
       .def_ro("logical_numel", &Tensor::logical_numel)
       .def_ro("shard_offset", &Tensor::shard_offset)

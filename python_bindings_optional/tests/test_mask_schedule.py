@@ -34,3 +34,15 @@ def test_thresholds_and_bitmap_given_back_reproduce_the_selection():
         assert selected.view(np.uint32).tolist() == by_bits.view(np.uint32).tolist()
     # Bits past the 7-entry tensor's end are written 0.
     assert bits[4] >> 7 == 0
+
+
+def test_a_score_chooses_the_mask():
+    handle = gmtk.Handle(gmtk.Backend.CPU_REFERENCE)
+    group = gmtk.GroupConfig(mask_ratio=0.5)
+    grad = np.arange(1, 9, dtype=np.float32)           # |g| ascending
+    score = np.arange(8, 0, -1).astype(np.float32)     # the opposite order
+    bits = np.zeros(1, np.uint32)
+    with gmtk.Plan(handle, [group], [gmtk.Tensor(grad, score=score)]) as plan:
+        plan.mask_gradients(mask_bits=bits)
+    assert grad.tolist() == [1, 2, 3, 4, 0, 0, 0, 0]   # the score's top half kept
+    assert int(bits[0]) == 0b00001111

@@ -400,3 +400,71 @@ TEST_CASE("shards: given thresholds need no selection, kept counts are the logic
     }
   }
 }
+
+TEST_CASE("a score buffer chooses the mask, the gradient is what is applied", "[mask_schedule]") {
+  // Three models with the same parameters: (a) gradients G, scores S; (b)
+  // gradients S (its selection is the score's); (c) gradients G with (b)'s
+  // bitmap given. (a) must select as (b) and update as (c).
+  Model a, b, c;
+  a.fill(21);
+  c.fill(21);
+  b.fill(22);  // b's gradients are the scores
+  for (gmtkMaskMode_t mode : {GMTK_MASK_GRAD, GMTK_MASK_FREEZE}) {
+    INFO((mode == GMTK_MASK_GRAD ? "mask-grad" : "freeze"));
+    Planned pb(b, mode), pc(c, mode);
+    // (a)'s plan: the same records, with scores pointing at b's gradients.
+    gmtkHandleConfig_t hc = GMTK_HANDLE_CONFIG_INIT;
+    hc.backend = GMTK_BACKEND_CPU_REFERENCE;
+    gmtkHandle_t handle = nullptr;
+    REQUIRE(gmtkHandleCreate(&handle, &hc) == GMTK_SUCCESS);
+    gmtkGroupConfig_t groups[2];
+    REQUIRE(gmtkGroupConfigInit(&groups[0], GMTK_OPTIMIZER_ADAMW) == GMTK_SUCCESS);
+    groups[0].mask_ratio = 0.8;
+    groups[0].mask_mode = mode;
+    groups[1] = groups[0];
+    groups[1].scope = GMTK_SCOPE_GLOBAL;
+    std::vector<gmtkTensor_t> records = a.records();
+    for (size_t t = 0; t < kCount; ++t) {
+      records[t].score = b.grad[t].data();
+      records[t].score_dtype = kSpecs[t].dtype;
+    }
+    gmtkPlanConfig_t config = GMTK_PLAN_CONFIG_INIT;
+    config.groups = groups;
+    config.num_groups = 2;
+    config.tensors = records.data();
+    config.num_tensors = static_cast<int64_t>(kCount);
+    config.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
+    gmtkPlan_t pa = nullptr;
+    REQUIRE(gmtkPlanCreate(handle, &config, &pa) == GMTK_SUCCESS);
+
+    const uint64_t words = expected_offsets().back();
+    std::vector<float> ta(kCount), tb(kCount);
+    std::vector<int64_t> ka(kCount), kb(kCount);
+    std::vector<uint32_t> ba(words), bb(words);
+    gmtkStepArgs_t args_a = GMTK_STEP_ARGS_INIT;
+    args_a.thresholds = ta.data();
+    args_a.kept_counts = ka.data();
+    args_a.mask_bits = ba.data();
+    gmtkStepArgs_t args_b = args_a;
+    args_b.thresholds = tb.data();
+    args_b.kept_counts = kb.data();
+    args_b.mask_bits = bb.data();
+    REQUIRE(gmtkSelectThresholds(pb.plan, &args_b, nullptr, 0, nullptr) == GMTK_SUCCESS);
+    REQUIRE(gmtkStep(pa, &args_a, nullptr, 0, nullptr) == GMTK_SUCCESS);
+    gmtkStepArgs_t args_c = GMTK_STEP_ARGS_INIT;
+    args_c.given_mask_bits = bb.data();
+    REQUIRE(gmtkStep(pc.plan, &args_c, nullptr, 0, nullptr) == GMTK_SUCCESS);
+
+    for (size_t t = 0; t < kCount; ++t) {
+      INFO("tensor " << t);
+      CHECK(float_bits(ta[t]) == float_bits(tb[t]));
+      CHECK(ka[t] == kb[t]);
+      CHECK(a.param[t] == c.param[t]);
+      CHECK(a.m[t] == c.m[t]);
+      CHECK(a.v[t] == c.v[t]);
+    }
+    CHECK(ba == bb);
+    gmtkPlanDestroy(pa);
+    gmtkHandleDestroy(handle);
+  }
+}
