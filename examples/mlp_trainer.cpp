@@ -4,7 +4,10 @@
 // 16-64-4 MLP (tanh, softmax cross-entropy) on it with masked AdamW, and prints
 // the loss per epoch for mask ratios 0, 0.5 and 0.9. Forward and backward run
 // on the host; the optimizer step runs on the CUDA backend when it can, else on
-// the CPU reference backend (--backend=cpu|cuda|auto, default auto). In auto
+// the CPU reference backend (--backend=cpu|cuda|auto, default auto).
+// --refresh-every=N selects the mask every N steps only and keeps it fixed in
+// between (given as a bitmap: docs/semantics.md, "Mask schedules"), printing
+// how much of each new mask overlaps the previous one. In auto
 // mode it says why it falls back: no usable CUDA device, or a first step that
 // the CUDA backend refused (for example a device this build has no code for).
 #include <gmtk/gmtk.h>
@@ -166,8 +169,9 @@ class GmtkOptimizer {
  public:
   char error[1024] = "";
 
-  bool init(gmtkBackend_t backend, Mlp& model, double mask_ratio) {
+  bool init(gmtkBackend_t backend, Mlp& model, double mask_ratio, int refresh_every) {
     backend_ = backend;
+    refresh_every_ = refresh_every;
     gmtkHandleConfig_t handle_config = GMTK_HANDLE_CONFIG_INIT;
     handle_config.backend = backend;
     GMTK_OR_RETURN(gmtkHandleCreate(&handle_, &handle_config));
@@ -212,13 +216,51 @@ class GmtkOptimizer {
     plan_config.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
     GMTK_OR_RETURN(gmtkPlanCreate(handle_, &plan_config, &plan_));
     if (backend == GMTK_BACKEND_CUDA) CUDA_OR_RETURN(cudaMalloc(&device_kept_, kTensorCount * sizeof(int64_t)));
+    uint64_t words = 0;
+    GMTK_OR_RETURN(gmtkPlanGetMaskLayout(plan_, &words, nullptr));
+    bits_.assign(words, 0u);
+    if (backend == GMTK_BACKEND_CUDA) CUDA_OR_RETURN(cudaMalloc(&device_bits_, words * sizeof(uint32_t)));
     return true;
+  }
+
+  // With --refresh-every: the share of the previous mask's kept entries that
+  // the newest one keeps too (NaN until two masks exist).
+  double last_overlap = NAN;
+  bool refreshed = false;
+
+  // Which mask this step uses: selected (and written to the bitmap) on a
+  // refresh, else the bitmap given back.
+  void choose_mask(int64_t step_index, gmtkStepArgs_t* args) {
+    refreshed = false;
+    if (refresh_every_ <= 0) return;
+    uint32_t* bits = backend_ == GMTK_BACKEND_CUDA ? static_cast<uint32_t*>(device_bits_) : bits_.data();
+    if ((step_index - 1) % refresh_every_ == 0) {
+      args->mask_bits = bits;
+      refreshed = true;
+    } else {
+      args->given_mask_bits = bits;
+    }
+  }
+
+  // After a refresh: the overlap with the mask before it.
+  void compare_masks() {
+    if (!refreshed) return;
+    if (!previous_bits_.empty()) {
+      int64_t before = 0, both = 0;
+      for (size_t w = 0; w < bits_.size(); ++w) {
+        before += __builtin_popcount(previous_bits_[w]);
+        both += __builtin_popcount(previous_bits_[w] & bits_[w]);
+      }
+      last_overlap = before > 0 ? static_cast<double>(both) / static_cast<double>(before) : NAN;
+    }
+    previous_bits_ = bits_;
   }
 
   // One optimizer step; `kept` gets the entries each tensor kept.
   bool step(Mlp& model, int64_t step_index, int64_t kept[kTensorCount]) {
     gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
     args.step = step_index;
+    choose_mask(step_index, &args);
     if (backend_ == GMTK_BACKEND_CUDA) {
       for (int t = 0; t < kTensorCount; ++t) {
         CUDA_OR_RETURN(
@@ -232,10 +274,15 @@ class GmtkOptimizer {
             cudaMemcpy(model.param[t].data(), device_param_[t], kNumel[t] * sizeof(float), cudaMemcpyDeviceToHost));
       }
       CUDA_OR_RETURN(cudaMemcpy(kept, device_kept_, kTensorCount * sizeof(int64_t), cudaMemcpyDeviceToHost));
+      if (refreshed) {
+        CUDA_OR_RETURN(
+            cudaMemcpy(bits_.data(), device_bits_, bits_.size() * sizeof(uint32_t), cudaMemcpyDeviceToHost));
+      }
     } else {
       args.kept_counts = kept;
       GMTK_OR_RETURN(gmtkStep(plan_, &args, nullptr, 0, nullptr));
     }
+    compare_masks();
     return true;
   }
 
@@ -246,6 +293,7 @@ class GmtkOptimizer {
       for (void* p : {device_param_[t], device_grad_[t], device_m_[t], device_v_[t]}) cudaFree(p);
     }
     cudaFree(device_kept_);
+    cudaFree(device_bits_);
   }
 
  private:
@@ -257,17 +305,20 @@ class GmtkOptimizer {
   void* device_m_[kTensorCount] = {};
   void* device_v_[kTensorCount] = {};
   void* device_kept_ = nullptr;
+  void* device_bits_ = nullptr;
+  int refresh_every_ = 0;
+  std::vector<uint32_t> bits_, previous_bits_;  // host copies of the newest and the previous mask
   std::vector<float> host_m_[kTensorCount], host_v_[kTensorCount];
 };
 
 // Trains one model at one mask ratio; false, with the reason, if the backend
 // could not be set up or refused the first step (nothing printed then).
-bool train(gmtkBackend_t backend, double mask_ratio, int epochs, const DataSet& train_set, const DataSet& test_set,
-           std::string* why_not) {
+bool train(gmtkBackend_t backend, double mask_ratio, int epochs, int refresh_every, const DataSet& train_set,
+           const DataSet& test_set, std::string* why_not) {
   std::mt19937 rng(7);  // the same initial model for every ratio
   Mlp model(rng);
   GmtkOptimizer optimizer;
-  if (!optimizer.init(backend, model, mask_ratio)) {
+  if (!optimizer.init(backend, model, mask_ratio, refresh_every)) {
     *why_not = optimizer.error;
     return false;
   }
@@ -277,6 +328,8 @@ bool train(gmtkBackend_t backend, double mask_ratio, int epochs, const DataSet& 
     double epoch_loss = 0;
     int64_t kept_sum = 0;
     int batches = 0;
+    double overlap_sum = 0;
+    int overlaps = 0;
     for (int first = 0; first < kSamples; first += kBatch, ++batches) {
       epoch_loss += model.loss(train_set, first, kBatch, true);
       int64_t kept[kTensorCount] = {};
@@ -291,13 +344,20 @@ bool train(gmtkBackend_t backend, double mask_ratio, int epochs, const DataSet& 
       if (step == 1) {  // the backend runs: from here on, it is this run's
         std::printf("\nmask ratio %.1f (%s backend)\n", mask_ratio,
                     backend == GMTK_BACKEND_CUDA ? "CUDA" : "CPU reference");
-        std::printf("  epoch  train loss  test loss  kept entries\n");
+        std::printf("  epoch  train loss  test loss  kept entries%s\n",
+                    refresh_every > 0 ? "  overlap of consecutive masks" : "");
       }
       for (int64_t k : kept) kept_sum += k;
+      if (optimizer.refreshed && !std::isnan(optimizer.last_overlap)) {
+        overlap_sum += optimizer.last_overlap;
+        ++overlaps;
+      }
     }
     const double test_loss = model.loss(test_set, 0, kSamples, false);
-    std::printf("  %5d  %10.4f  %9.4f  %5.1f%%\n", epoch, epoch_loss / batches, test_loss,
+    std::printf("  %5d  %10.4f  %9.4f  %5.1f%%", epoch, epoch_loss / batches, test_loss,
                 100.0 * static_cast<double>(kept_sum) / (static_cast<double>(batches) * total));
+    if (refresh_every > 0 && overlaps > 0) std::printf("  %5.1f%%", 100.0 * overlap_sum / overlaps);
+    std::printf("\n");
   }
   return true;
 }
@@ -307,13 +367,18 @@ bool train(gmtkBackend_t backend, double mask_ratio, int epochs, const DataSet& 
 int main(int argc, char** argv) {
   std::string backend_choice = "auto";
   int epochs = 8;
+  int refresh_every = 0;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--backend=", 10) == 0) {
       backend_choice = argv[i] + 10;
     } else if (std::strncmp(argv[i], "--epochs=", 9) == 0) {
       epochs = std::atoi(argv[i] + 9);
+    } else if (std::strncmp(argv[i], "--refresh-every=", 16) == 0) {
+      refresh_every = std::atoi(argv[i] + 16);
+    } else if (std::strcmp(argv[i], "--refresh-every") == 0 && i + 1 < argc) {
+      refresh_every = std::atoi(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: %s [--backend=auto|cuda|cpu] [--epochs=N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--backend=auto|cuda|cpu] [--epochs=N] [--refresh-every=N]\n", argv[0]);
       return 2;
     }
   }
@@ -329,7 +394,7 @@ int main(int argc, char** argv) {
   bool try_cuda = backend_choice != "cpu";
   for (double ratio : {0.0, 0.5, 0.9}) {
     std::string why_not;
-    if (try_cuda && train(GMTK_BACKEND_CUDA, ratio, epochs, train_set, test_set, &why_not)) continue;
+    if (try_cuda && train(GMTK_BACKEND_CUDA, ratio, epochs, refresh_every, train_set, test_set, &why_not)) continue;
     if (backend_choice == "cuda") {
       std::fprintf(stderr, "the CUDA backend cannot run this: %s\n", why_not.c_str());
       return 1;
@@ -338,7 +403,7 @@ int main(int argc, char** argv) {
       std::printf("(CUDA backend not used: %s; falling back to the CPU reference backend)\n", why_not.c_str());
       try_cuda = false;
     }
-    if (!train(GMTK_BACKEND_CPU_REFERENCE, ratio, epochs, train_set, test_set, &why_not)) {
+    if (!train(GMTK_BACKEND_CPU_REFERENCE, ratio, epochs, refresh_every, train_set, test_set, &why_not)) {
       std::fprintf(stderr, "the CPU reference backend failed: %s\n", why_not.c_str());
       return 1;
     }
