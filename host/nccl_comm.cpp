@@ -292,15 +292,7 @@ gmtkStatus_t make_nccl_communicator(void* nccl_comm, int device, std::shared_ptr
   GMTK_REQUIRE(nccl_comm != nullptr, "nccl_comm is NULL");
   GMTK_REQUIRE(device >= 0, "device is %d; it must be >= 0", device);
 
-  int count = 0;
-  const cudaError_t count_error = cudaGetDeviceCount(&count);
-  if (count_error != cudaSuccess) {
-    cudaGetLastError();
-    return fail(GMTK_ERROR_DEVICE_UNAVAILABLE, "no usable CUDA device: cudaGetDeviceCount failed: %s",
-                cudaGetErrorString(count_error));
-  }
-  if (count == 0) return fail(GMTK_ERROR_DEVICE_UNAVAILABLE, "no usable CUDA device: cudaGetDeviceCount found none");
-  GMTK_REQUIRE(device < count, "device is %d; this machine has %d CUDA device(s)", device, count);
+  GMTK_CHECK(check_device_exists(device, "device"));
 
   LibraryHandle library;
   GMTK_CHECK(open_library(&library));

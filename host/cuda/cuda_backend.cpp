@@ -296,15 +296,7 @@ class CudaBackend final : public Backend {
 }  // namespace
 
 gmtkStatus_t make_cuda_backend(int device, std::shared_ptr<Backend>* backend) {
-  int count = 0;
-  const cudaError_t count_error = cudaGetDeviceCount(&count);
-  if (count_error != cudaSuccess) {
-    cudaGetLastError();
-    return fail(GMTK_ERROR_DEVICE_UNAVAILABLE, "no usable CUDA device: cudaGetDeviceCount failed: %s",
-                cudaGetErrorString(count_error));
-  }
-  if (count == 0) return fail(GMTK_ERROR_DEVICE_UNAVAILABLE, "no usable CUDA device: cudaGetDeviceCount found none");
-  GMTK_REQUIRE(device < count, "config->device is %d; this machine has %d CUDA device(s)", device, count);
+  GMTK_CHECK(check_device_exists(device, "config->device"));
 
   CurrentDeviceGuard guard(device);
   cudaDeviceProp properties{};

@@ -17,6 +17,21 @@ inline gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
               what, cudaGetErrorString(error));
 }
 
+// That CUDA is usable and `device` (the argument `name`) is one of its
+// devices: DEVICE_UNAVAILABLE without a device, INVALID_ARGUMENT past the last.
+inline gmtkStatus_t check_device_exists(int device, const char* name) {
+  int count = 0;
+  const cudaError_t count_error = cudaGetDeviceCount(&count);
+  if (count_error != cudaSuccess) {
+    cudaGetLastError();
+    return fail(GMTK_ERROR_DEVICE_UNAVAILABLE, "no usable CUDA device: cudaGetDeviceCount failed: %s",
+                cudaGetErrorString(count_error));
+  }
+  if (count == 0) return fail(GMTK_ERROR_DEVICE_UNAVAILABLE, "no usable CUDA device: cudaGetDeviceCount found none");
+  GMTK_REQUIRE(device < count, "%s is %d; this machine has %d CUDA device(s)", name, device, count);
+  return GMTK_SUCCESS;
+}
+
 // Restores the caller's current device on scope exit: gmtk never leaves it changed.
 class CurrentDeviceGuard {
  public:
