@@ -27,34 +27,14 @@ struct Replica {
 const Replica kReplicas[] = {{GMTK_FLOAT32, 1000}, {GMTK_BFLOAT16, 777}, {GMTK_FLOAT16, 64}, {GMTK_FLOAT32, 3}};
 constexpr size_t kReplicaCount = sizeof(kReplicas) / sizeof(kReplicas[0]);
 
-float widen(gmtkDtype_t dtype, const unsigned char* bytes, size_t i) {
-  if (dtype == GMTK_FLOAT32) {
-    float value;
-    std::memcpy(&value, bytes + 4 * i, 4);
-    return value;
-  }
-  uint16_t bits;
-  std::memcpy(&bits, bytes + 2 * i, 2);
-  return dtype == GMTK_FLOAT16 ? half_to_float(bits) : bf16_to_float(bits);
-}
-
-void narrow(gmtkDtype_t dtype, unsigned char* bytes, size_t i, float value) {
-  if (dtype == GMTK_FLOAT32) {
-    std::memcpy(bytes + 4 * i, &value, 4);
-    return;
-  }
-  const uint16_t bits = dtype == GMTK_FLOAT16 ? half_from_float(value) : bf16_from_float(value);
-  std::memcpy(bytes + 2 * i, &bits, 2);
-}
-
 // One rank's buffers: its replica gradients (its own micro-batch's) and params/state.
 struct RankBuffers {
-  std::vector<std::vector<unsigned char>> grad;
+  std::vector<Buffer> grad;  // test_support.hpp's: raw bytes of the replica's dtype
   std::vector<std::vector<float>> param, exp_avg, exp_avg_sq;
 
   RankBuffers() {
     for (const Replica& r : kReplicas) {
-      grad.emplace_back(r.numel * (r.dtype == GMTK_FLOAT32 ? 4 : 2));
+      grad.emplace_back(r.dtype, r.numel);
       param.emplace_back(r.numel, 0.25f);
       exp_avg.emplace_back(r.numel, 0.0f);
       exp_avg_sq.emplace_back(r.numel, 0.0f);
@@ -83,8 +63,7 @@ void fill(RankBuffers& buffers, uint32_t seed) {
   std::mt19937 random(seed);
   for (size_t t = 0; t < kReplicaCount; ++t) {
     for (size_t i = 0; i < kReplicas[t].numel; ++i) {
-      narrow(kReplicas[t].dtype, buffers.grad[t].data(), i,
-             static_cast<float>(static_cast<int>(random() % 2001) - 1000) / 300.0f);
+      buffers.grad[t].set(i, static_cast<float>(static_cast<int>(random() % 2001) - 1000) / 300.0f);
     }
   }
 }
@@ -116,12 +95,12 @@ void run_ranks(int ranks, gmtkGradientReduction_t reduction) {
   for (size_t t = 0; t < kReplicaCount; ++t) {
     for (size_t i = 0; i < kReplicas[t].numel; ++i) {
       float sum = 0.0f;
-      for (int r = 0; r < ranks; ++r) sum += widen(kReplicas[t].dtype, rank_buffers[r].grad[t].data(), i);
+      for (int r = 0; r < ranks; ++r) sum += rank_buffers[r].grad[t].get(i);
       if (reduction == GMTK_GRADIENTS_AVERAGE) sum = sum / static_cast<float>(ranks);
-      narrow(kReplicas[t].dtype, expected.grad[t].data(), i, sum);
+      expected.grad[t].set(i, sum);
     }
   }
-  const std::vector<std::vector<unsigned char>> expected_grads = expected.grad;
+  const std::vector<Buffer> expected_grads = expected.grad;
 
   // The reference: one plan without a communicator on the reduced gradients.
   gmtkHandleConfig_t hc = GMTK_HANDLE_CONFIG_INIT;
@@ -164,7 +143,7 @@ void run_ranks(int ranks, gmtkGradientReduction_t reduction) {
     REQUIRE(statuses[r] == GMTK_SUCCESS);
     for (size_t t = 0; t < kReplicaCount; ++t) {
       INFO("tensor " << t);
-      CHECK(rank_buffers[r].grad[t] == expected_grads[t]);  // reduced in place, the same bits everywhere
+      CHECK(rank_buffers[r].grad[t].bytes == expected_grads[t].bytes);  // reduced in place, the same bits everywhere
       CHECK(float_bits(thresholds[r][t]) == float_bits(want_thresholds[t]));
       CHECK(std::memcmp(rank_buffers[r].param[t].data(), expected.param[t].data(), kReplicas[t].numel * 4) == 0);
       CHECK(std::memcmp(rank_buffers[r].exp_avg_sq[t].data(), expected.exp_avg_sq[t].data(),
@@ -208,7 +187,7 @@ TEST_CASE("gradient_reduction is refused without a communicator or outside the e
   CHECK(gmtkStep(plan, &args, nullptr, 0, nullptr) == GMTK_ERROR_INVALID_ARGUMENT);
   CHECK(std::string(gmtkGetLastErrorMessage()).find("args->gradient_reduction") != std::string::npos);
   for (size_t t = 0; t < kReplicaCount; ++t) {  // refused: nothing written
-    CHECK(buffers.grad[t] == before.grad[t]);
+    CHECK(buffers.grad[t].bytes == before.grad[t].bytes);
     CHECK(buffers.param[t] == before.param[t]);
   }
 

@@ -27,25 +27,14 @@ const Spec kSpecs[] = {{0, GMTK_FLOAT32, 1000}, {0, GMTK_BFLOAT16, 333}, {0, GMT
                        {0, GMTK_FLOAT32, 1},    {1, GMTK_FLOAT32, 77},   {1, GMTK_FLOAT32, 500}};
 constexpr size_t kCount = sizeof(kSpecs) / sizeof(kSpecs[0]);
 
-float widen(gmtkDtype_t dtype, const std::vector<unsigned char>& bytes, size_t i) {
-  if (dtype == GMTK_FLOAT32) {
-    float value;
-    std::memcpy(&value, bytes.data() + 4 * i, 4);
-    return value;
-  }
-  uint16_t bits;
-  std::memcpy(&bits, bytes.data() + 2 * i, 2);
-  return dtype == GMTK_FLOAT16 ? half_to_float(bits) : bf16_to_float(bits);
-}
-
 // One model's buffers (fp32 params and state) and gradients of each spec's dtype.
 struct Model {
-  std::vector<std::vector<unsigned char>> grad;
+  std::vector<Buffer> grad;  // test_support.hpp's: raw bytes of each spec's dtype
   std::vector<std::vector<float>> param, m, v;
 
   Model() {
     for (const Spec& s : kSpecs) {
-      grad.emplace_back(s.numel * (s.dtype == GMTK_FLOAT32 ? 4 : 2));
+      grad.emplace_back(s.dtype, s.numel);
       param.emplace_back(s.numel, 0.5f);
       m.emplace_back(s.numel, 0.0f);
       v.emplace_back(s.numel, 0.0f);
@@ -56,13 +45,7 @@ struct Model {
     std::mt19937 random(seed);
     for (size_t t = 0; t < kCount; ++t) {
       for (size_t i = 0; i < kSpecs[t].numel; ++i) {
-        const float value = static_cast<float>(static_cast<int>(random() % 401) - 200) / 64.0f;
-        if (kSpecs[t].dtype == GMTK_FLOAT32) {
-          std::memcpy(grad[t].data() + 4 * i, &value, 4);
-        } else {
-          const uint16_t bits = kSpecs[t].dtype == GMTK_FLOAT16 ? half_from_float(value) : bf16_from_float(value);
-          std::memcpy(grad[t].data() + 2 * i, &bits, 2);
-        }
+        grad[t].set(i, static_cast<float>(static_cast<int>(random() % 401) - 200) / 64.0f);
       }
     }
   }
@@ -170,7 +153,7 @@ TEST_CASE("a call's thresholds and bitmap, given back, reproduce its selection b
           CHECK_FALSE(bit);
           continue;
         }
-        CHECK(bit == (std::fabs(widen(kSpecs[t].dtype, selected.grad[t], i)) >= thresholds[t]));
+        CHECK(bit == (std::fabs(selected.grad[t].get(i)) >= thresholds[t]));
         set_bits += bit ? 1 : 0;
       }
       CHECK(set_bits == kept[t]);
@@ -223,7 +206,7 @@ TEST_CASE("given thresholds keep |g| >= T on new gradients, T rounded up to 16-b
     for (size_t t = 0; t < kCount; ++t) {
       int64_t expected = 0;
       for (size_t i = 0; i < kSpecs[t].numel; ++i) {
-        expected += std::fabs(widen(kSpecs[t].dtype, model.grad[t], i)) >= t_value ? 1 : 0;
+        expected += std::fabs(model.grad[t].get(i)) >= t_value ? 1 : 0;
       }
       CHECK(kept[t] == expected);
     }
@@ -236,8 +219,8 @@ TEST_CASE("given thresholds keep |g| >= T on new gradients, T rounded up to 16-b
   REQUIRE(gmtkMaskGradients(p.plan, &args, nullptr, 0, nullptr) == GMTK_SUCCESS);
   for (size_t t = 0; t < kCount; ++t) {
     for (size_t i = 0; i < kSpecs[t].numel; ++i) {
-      const float was = widen(kSpecs[t].dtype, before.grad[t], i);
-      const float now = widen(kSpecs[t].dtype, model.grad[t], i);
+      const float was = before.grad[t].get(i);
+      const float now = model.grad[t].get(i);
       if (std::fabs(was) >= 1.5f) {
         CHECK(float_bits(now) == float_bits(was));
       } else {
@@ -269,7 +252,7 @@ TEST_CASE("a given bitmap keeps exactly its entries whatever the gradients; free
     for (size_t i = 0; i < kSpecs[t].numel; ++i) {
       const bool bit = (bits[offsets[t] + i / 32] >> (i % 32)) & 1u;
       set_bits += bit ? 1 : 0;
-      const bool zero_gradient = widen(kSpecs[t].dtype, model.grad[t], i) == 0.0f;
+      const bool zero_gradient = model.grad[t].get(i) == 0.0f;
       if (!bit) {
         CHECK(float_bits(model.param[t][i]) == float_bits(before.param[t][i]));  // frozen
         CHECK(float_bits(model.m[t][i]) == float_bits(before.m[t][i]));
@@ -309,7 +292,7 @@ TEST_CASE("mask schedule arguments are checked before anything is written", "[ma
   CHECK(std::string(gmtkGetLastErrorMessage()).find("args->given_thresholds") != std::string::npos);
 
   for (size_t t = 0; t < kCount; ++t) {
-    CHECK(model.grad[t] == before.grad[t]);
+    CHECK(model.grad[t].bytes == before.grad[t].bytes);
     CHECK(model.param[t] == before.param[t]);
     CHECK(model.m[t] == before.m[t]);
   }

@@ -394,16 +394,6 @@ EngineTrace run_case(const StepCase& c, const SelectionTuning& tuning) {
   return total;
 }
 
-SelectionTuning tiny_tuning() {
-  SelectionTuning tuning;
-  tuning.chunk_entries = 64;
-  tuning.small_set_limit_fp32 = 200;
-  tuning.small_set_limit_16bit = 200;
-  tuning.candidate_share = 8;
-  tuning.min_candidates = 16;
-  tuning.sample_entries = 8;
-  return tuning;
-}
 
 
 // ---- The cases ------------------------------------------------------------------------
@@ -458,7 +448,7 @@ TEST_CASE("ratios 0 to 1 in both scopes, on the large-set path and the one-block
                        {3, dtype, dtype, dtype != GMTK_FLOAT32, 0, 0}};
           c.contents = ratio == 0.5 ? Contents::quantized : Contents::gaussian;
           add(total, run_case(c, SelectionTuning{}));
-          add(total, run_case(c, tiny_tuning()));
+          add(total, run_case(c, tiny_step_tuning()));
         }
       }
     }
@@ -484,7 +474,7 @@ TEST_CASE("every gradient content: ties, zeros, subnormals, NaN keys, shared top
                    {129, dtype, GMTK_FLOAT32, false, 1, 0}};
       c.contents = contents;
       run_case(c, SelectionTuning{});
-      run_case(c, tiny_tuning());
+      run_case(c, tiny_step_tuning());
     }
   }
 }
@@ -507,7 +497,7 @@ TEST_CASE("a non-finite gradient makes the step a no-op: outputs written, step_c
       CHECK(trace.update_ran);  // the other steps applied
       // Large sets, whose boundary bins a step defers: not when a gradient
       // is not finite (the update does nothing; the outputs still need T).
-      const EngineTrace large = run_case(c, tiny_tuning());
+      const EngineTrace large = run_case(c, tiny_step_tuning());
       CHECK(large.sets_deferring > 0);  // on the steps without the inf
     }
   }
@@ -577,7 +567,7 @@ TEST_CASE("plans of 1 to 300 tensors in several groups, large sets and many chun
     // gradients, the per-tensor group 1 fp16 ones.
     c.steps = 2;
     run_case(c, SelectionTuning{});
-    run_case(c, tiny_tuning());
+    run_case(c, tiny_step_tuning());
   }
 }
 
@@ -631,7 +621,7 @@ TEST_CASE("global sets of several tensors defer across their members when no per
                    {4000, GMTK_FLOAT32, GMTK_FLOAT32, false, 1, 2}};
       c.want_kept_counts = false;
       c.steps = 2;
-      add(total, run_case(c, tiny_tuning()));
+      add(total, run_case(c, tiny_step_tuning()));
     }
   }
   CHECK(total.sets_deferring > 0);

@@ -48,6 +48,20 @@ struct EngineTrace {
   int exchanges = 0;                     // sharded: points where the ranks summed counters
 };
 
+// Sizes small enough that every path (large sets of many chunks, windows,
+// candidate regions, the one-block path) shows up on a few thousand entries:
+// the step and sharded schedule tests' tuning.
+inline SelectionTuning tiny_step_tuning() {
+  SelectionTuning tuning;
+  tuning.chunk_entries = 64;
+  tuning.small_set_limit_fp32 = 200;
+  tuning.small_set_limit_16bit = 200;
+  tuning.candidate_share = 8;
+  tuning.min_candidates = 16;
+  tuning.sample_entries = 8;
+  return tuning;
+}
+
 class HostSelectionEngine {
  public:
   // The grid sizes stand in for the device's resident blocks; any value must

@@ -161,14 +161,9 @@ Scenario scenario(gmtkOptimizer_t optimizer, double ratio, gmtkMaskMode_t mode) 
   return s;
 }
 
+// The step test's tuning, with deferral regions large enough to be used here.
 SelectionTuning tiny_tuning() {
-  SelectionTuning tuning;
-  tuning.chunk_entries = 64;
-  tuning.small_set_limit_fp32 = 200;
-  tuning.small_set_limit_16bit = 200;
-  tuning.candidate_share = 8;
-  tuning.min_candidates = 16;
-  tuning.sample_entries = 8;
+  SelectionTuning tuning = tiny_step_tuning();
   tuning.deferral_share = 16;
   tuning.min_deferrals = 16;
   return tuning;
