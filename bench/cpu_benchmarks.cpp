@@ -39,6 +39,29 @@ void store(gmtkDtype_t dtype, std::vector<unsigned char>& bytes, size_t i, float
   }
 }
 
+// A CPU-reference handle and a one-group plan over `tensors` (bound to `comm`
+// if set: then every rank makes this call); on failure the benchmark is
+// skipped with gmtk's message and false returned.
+bool make_cpu_plan(benchmark::State& state, const gmtkGroupConfig_t& group, std::vector<gmtkTensor_t>& tensors,
+                   gmtkComm_t comm, gmtkHandle_t* handle, gmtkPlan_t* plan) {
+  gmtkHandleConfig_t handle_config = GMTK_HANDLE_CONFIG_INIT;
+  handle_config.backend = GMTK_BACKEND_CPU_REFERENCE;
+  gmtkPlanConfig_t plan_config = GMTK_PLAN_CONFIG_INIT;
+  plan_config.groups = &group;
+  plan_config.num_groups = 1;
+  plan_config.tensors = tensors.data();
+  plan_config.num_tensors = static_cast<int64_t>(tensors.size());
+  plan_config.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
+  plan_config.comm = comm;
+  if (gmtkHandleCreate(handle, &handle_config) != GMTK_SUCCESS ||
+      gmtkPlanCreate(*handle, &plan_config, plan) != GMTK_SUCCESS) {
+    state.SkipWithError(gmtkGetLastErrorMessage());
+    gmtkHandleDestroy(*handle);
+    return false;
+  }
+  return true;
+}
+
 void run_cpu_call(benchmark::State& state, const StepSpec& spec) {
   const size_t count = spec.shapes.numels.size();
   std::vector<HostTensor> storage(count);
@@ -72,22 +95,9 @@ void run_cpu_call(benchmark::State& state, const StepSpec& spec) {
   }
 
   const gmtkGroupConfig_t group = spec.group();
-  gmtkHandleConfig_t handle_config = GMTK_HANDLE_CONFIG_INIT;
-  handle_config.backend = GMTK_BACKEND_CPU_REFERENCE;
   gmtkHandle_t handle = nullptr;
   gmtkPlan_t plan = nullptr;
-  gmtkPlanConfig_t plan_config = GMTK_PLAN_CONFIG_INIT;
-  plan_config.groups = &group;
-  plan_config.num_groups = 1;
-  plan_config.tensors = tensors.data();
-  plan_config.num_tensors = static_cast<int64_t>(count);
-  plan_config.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
-  if (gmtkHandleCreate(&handle, &handle_config) != GMTK_SUCCESS ||
-      gmtkPlanCreate(handle, &plan_config, &plan) != GMTK_SUCCESS) {
-    state.SkipWithError(gmtkGetLastErrorMessage());
-    gmtkHandleDestroy(handle);
-    return;
-  }
+  if (!make_cpu_plan(state, group, tensors, nullptr, &handle, &plan)) return;
   std::vector<float> thresholds(count);
   gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
   args.thresholds = thresholds.data();
@@ -157,24 +167,10 @@ void cpu_sharded_step(benchmark::State& state, const ShapeList& shapes, gmtkScop
   gmtkGroupConfigInit(&group, GMTK_OPTIMIZER_ADAMW);
   group.mask_ratio = 0.9;
   group.scope = scope;
-  gmtkHandleConfig_t handle_config = GMTK_HANDLE_CONFIG_INIT;
-  handle_config.backend = GMTK_BACKEND_CPU_REFERENCE;
   gmtkHandle_t handle = nullptr;
   gmtkPlan_t plan = nullptr;
-  gmtkPlanConfig_t plan_config = GMTK_PLAN_CONFIG_INIT;
-  plan_config.groups = &group;
-  plan_config.num_groups = 1;
-  plan_config.tensors = tensors.data();
-  plan_config.num_tensors = static_cast<int64_t>(count);
-  plan_config.flags = GMTK_PLAN_ALLOCATE_WORKSPACE;
-  plan_config.comm = comms[rank];
   // Collective: both threads make their plan (a failure fails both).
-  if (gmtkHandleCreate(&handle, &handle_config) != GMTK_SUCCESS ||
-      gmtkPlanCreate(handle, &plan_config, &plan) != GMTK_SUCCESS) {
-    state.SkipWithError(gmtkGetLastErrorMessage());
-    gmtkHandleDestroy(handle);
-    return;
-  }
+  if (!make_cpu_plan(state, group, tensors, comms[rank], &handle, &plan)) return;
   uint64_t bytes_before = 0;
   gmtkCommGetBytes(comms[rank], &bytes_before);
   gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
