@@ -96,16 +96,6 @@ uint64_t count_kept(const GradientSpan& span, const KeepDecision& decision) {
   });
 }
 
-uint64_t count_kept(const GradientSpan& span, KeepRule rule) {
-  return with_storage_type(span.dtype, [&](auto type) {
-    using T = decltype(type);
-    const T* data = static_cast<const T*>(span.data);
-    uint64_t kept = 0;
-    for (uint64_t i = 0; i < span.numel; ++i) kept += is_kept(magnitude_key(data[i]), rule) ? 1 : 0;
-    return kept;
-  });
-}
-
 float threshold_value(gmtkDtype_t dtype, KeepRule rule) {
   if (rule.min_kept_key == kKeepAll.min_kept_key) return 0.0f;
   if (rule.min_kept_key == kKeepNone.min_kept_key) return std::numeric_limits<float>::infinity();

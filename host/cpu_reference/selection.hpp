@@ -66,8 +66,7 @@ KeepRule select_keep_rule(const GradientSpan* spans, size_t span_count, double m
 KeepRule select_sharded_keep_rule(const GradientSpan* spans, size_t span_count, double mask_ratio, uint64_t total,
                                   Communicator& comm, uint64_t* histogram, gmtkStatus_t* status);
 
-// Entries of `span` the rule keeps.
-uint64_t count_kept(const GradientSpan& span, KeepRule rule);
+// Entries of `span` the decision keeps.
 uint64_t count_kept(const GradientSpan& span, const KeepDecision& decision);
 
 // T as a float: the k-th largest |g|; 0 when everything is kept, +inf when nothing is.
