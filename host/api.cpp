@@ -206,8 +206,7 @@ gmtkStatus_t gmtkPlanCreate(gmtkHandle_t handle, const gmtkPlanConfig_t* config,
   return guarded([&]() -> gmtkStatus_t {
     // A sharded plan is made by every rank together: a rank whose own checks
     // fail still meets the others, so that all fail instead of waiting.
-    const gmtkComm_t comm =
-        config != nullptr && config->struct_size == sizeof(gmtkPlanConfig_t) ? config->comm : nullptr;
+    const gmtkComm_t comm = gmtk::plan_config_comm(config);
     auto created = std::make_unique<gmtkPlan>();
     // Guarded on its own: an exception must not skip the ranks' agreement.
     gmtkStatus_t status = plan != nullptr ? guarded([&] { return gmtk::create_plan(handle, config, created.get()); })

@@ -288,8 +288,7 @@ gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan) {
                    config->tensor_struct_size == GMTK_TENSOR_STRUCT_SIZE_V0_1,
                "config->tensor_struct_size is %zu; expected sizeof(gmtkTensor_t) = %zu", config->tensor_struct_size,
                sizeof(gmtkTensor_t));
-  // A 0.1.0 caller's config ends before comm: read only what it has.
-  gmtkComm_t comm = config->struct_size == sizeof(gmtkPlanConfig_t) ? config->comm : nullptr;
+  const gmtkComm_t comm = plan_config_comm(config);
   GMTK_REQUIRE(config->num_groups >= 1, "config->num_groups is %d; a plan needs at least one group",
                config->num_groups);
   GMTK_REQUIRE(config->groups != nullptr, "config->groups is NULL");

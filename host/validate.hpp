@@ -16,6 +16,12 @@ gmtkStatus_t validate_group_config(const gmtkGroupConfig_t& group, const char* n
 // fills `plan` (groups, tensors, indexes, sorted buffers).
 gmtkStatus_t build_plan(const gmtkPlanConfig_t* config, Plan* plan);
 
+// The communicator a plan config names: read only from a config whose
+// struct_size has the field (a 0.1.0 caller's does not), else NULL.
+inline gmtkComm_t plan_config_comm(const gmtkPlanConfig_t* config) {
+  return config != nullptr && config->struct_size == sizeof(gmtkPlanConfig_t) ? config->comm : nullptr;
+}
+
 // The groups' lr_device scalars, sorted by address (identical or disjoint),
 // with capacity reserved for one per group (Plan::sorted_scalars).
 gmtkStatus_t group_scalar_ranges(const std::vector<gmtkGroupConfig_t>& groups, std::vector<BufferRange>* ranges);
