@@ -365,17 +365,32 @@ __global__ void __launch_bounds__(SelectionPolicy::kHistogramThreads, 2)
     }
 
     const TensorRecord tensor = p.tensors[chunk.tensor];
-    GradientChunk g{work, tensor.grad, p.candidates + set.candidate_offset, set.candidate_capacity,
+    // A score's keys are counted, and found_inf's rule is the gradient's:
+    // then two reads of the chunk, the second for found_inf alone.
+    const bool keys_apart = tensor.keys != tensor.grad;
+    GradientChunk g{work, tensor.keys, p.candidates + set.candidate_offset, set.candidate_capacity,
                     p.states + chunk.set, has_scale, inv_loss_scale};
+    if (keys_apart) g.work.check_non_finite = false;
     // The dtype as a template argument: the per-entry work compiles to a few
     // integer operations (the loop is instruction-bound otherwise). Pass A,
     // the one full read of every pass, keeps 4 items a thread in flight; the
     // others 2 (the stage must hold a gathering round's appends).
     constexpr int kItems = kPass == HistogramPass::level_0 ? 4 : SelectionPolicy::kLevelPassItems;
-    switch (set.dtype) {
-      case kFloat32: count_gradients<kFloat32, kMayGather, kItems>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
-      case kFloat16: count_gradients<kFloat16, kMayGather, kItems>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
-      default: count_gradients<kBFloat16, kMayGather, kItems>(g, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
+    const auto count = [&](const GradientChunk& read, uint32_t dtype) {
+      switch (dtype) {
+        case kFloat32: count_gradients<kFloat32, kMayGather, kItems>(read, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
+        case kFloat16: count_gradients<kFloat16, kMayGather, kItems>(read, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
+        default: count_gradients<kBFloat16, kMayGather, kItems>(read, histogram, stage, &stage_count, &stage_base, &non_finite, &above); break;
+      }
+    };
+    if (!g.work.idle()) count(g, set.dtype);
+    if (keys_apart && work.check_non_finite) {
+      GradientChunk found_inf_only = g;
+      found_inf_only.grad = tensor.grad;
+      found_inf_only.work.source = ChunkSource::skip;
+      found_inf_only.work.gather = false;
+      found_inf_only.work.check_non_finite = true;
+      count(found_inf_only, tensor.dtype);
     }
   }
   if (pending_set != kNoPendingSet) flush();
@@ -455,9 +470,9 @@ __global__ void __launch_bounds__(SelectionPolicy::kSmallSetThreads) select_smal
     const uint32_t prefix = state.prefix;
     for (uint32_t m = 0; m < set.member_count; ++m) {
       const TensorRecord tensor = p.tensors[p.members[set.first_member + m]];
-      const VectorSplit split = split_for_vectors(tensor.grad, dtype_bytes(set.dtype), 0, tensor.numel);
+      const VectorSplit split = split_for_vectors(tensor.keys, dtype_bytes(set.dtype), 0, tensor.numel);
       for (uint64_t i = threadIdx.x; i < split.items(); i += blockDim.x) {
-        const ItemValues item = load_item(tensor.grad, set.dtype, item_entries(split, i));
+        const ItemValues item = load_item(tensor.keys, set.dtype, item_entries(split, i));
         BinRun run;
 #pragma unroll
         for (uint32_t e = 0; e < 8; ++e) {
@@ -486,33 +501,80 @@ __device__ __forceinline__ uint64_t warp_sum(uint64_t value) {
   return value;
 }
 
+__device__ __forceinline__ uint32_t load_scalar(uint64_t base, uint32_t dtype, uint64_t entry) {
+  return dtype == kFloat32 ? *reinterpret_cast<const uint32_t*>(base + entry * 4u)
+                           : *reinterpret_cast<const uint16_t*>(base + entry * 2u);
+}
+
+// ORs a warp's item bits into the bitmap (cleared by the call's memset):
+// lanes whose bits share a word combine them first, then one atomicOr a
+// word. Called by all 32 lanes together; an inactive lane adds nothing.
+__device__ __forceinline__ void or_mask_bits(uint32_t* words, uint64_t first, uint32_t bits, bool active) {
+  const BitsPlacement place = place_mask_bits(first, bits);
+  const uint32_t lane = threadIdx.x & 31u;
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    const uint64_t word = active ? place.word + part : ~0ull;
+    const uint32_t value = active ? (part == 0 ? place.low : place.high) : 0u;
+    const uint32_t peers = __match_any_sync(0xFFFFFFFFu, word);
+    const uint32_t combined = __reduce_or_sync(peers, value);
+    if (combined != 0u && lane == static_cast<uint32_t>(__ffs(peers) - 1)) atomicOr(words + word, combined);
+  }
+}
+
 // The mask (gmtkMaskGradients: +0 over every masked entry, unless a gradient
-// is not finite) and the per-tensor kept counts of multi-tensor sets.
+// is not finite), the per-tensor kept counts (of multi-tensor sets, or of
+// every tensor under a given input) and the bitmap out. Keys come from the
+// gradient's items, a score (entry by entry) or a given bitmap.
 __global__ void __launch_bounds__(SelectionPolicy::kApplyThreads) apply_keep_rule(SelectionLaunch p) {
   const bool found_non_finite = *p.flags != 0u;
   for (uint64_t c = blockIdx.x; c < p.chunk_count; c += gridDim.x) {
     const ApplyWork work = apply_work(p, c, found_non_finite);
-    if (work.idle()) continue;
+    if (work.idle()) continue;  // the same decision in every thread
     const ChunkRecord chunk = p.chunks[c];
     const TensorRecord tensor = p.tensors[chunk.tensor];
+    const bool keys_apart = tensor.keys != tensor.grad;
+    const bool loads_grad = work.zero_masked || (work.reads_keys() && !keys_apart);
     const VectorSplit split = split_for_vectors(tensor.grad, dtype_bytes(tensor.dtype), chunk.begin,
                                                 chunk.begin + chunk.length);
+    uint32_t* words = p.mask_bits + tensor.mask_word_offset;
     uint64_t kept = 0;
-    for (uint64_t i = threadIdx.x; i < split.items(); i += blockDim.x) {
-      const Range entries = item_entries(split, i);
-      ItemValues item = load_item(tensor.grad, tensor.dtype, entries);
-      bool changed = false;
+    // A trip count the same for every lane of a warp: the bitmap's warp-wide OR needs them all.
+    const uint64_t items = split.items();
+    const uint64_t rounds = (items + blockDim.x - 1) / blockDim.x * blockDim.x;
+    for (uint64_t i = threadIdx.x; i < rounds; i += blockDim.x) {
+      const bool active = i < items;
+      Range entries{0, 0};
+      uint32_t bits = 0;
+      if (active) {
+        entries = item_entries(split, i);
+        ItemValues item{};
+        item.count = static_cast<uint32_t>(entries.end - entries.begin);
+        if (loads_grad) item = load_item(tensor.grad, tensor.dtype, entries);
+        const uint32_t given_bits = work.reads_keys() ? 0u : mask_bits_of(work.test.bits, entries.begin, item.count);
+        bool changed = false;
 #pragma unroll
-      for (uint32_t e = 0; e < 8; ++e) {
-        if (e >= item.count) break;  // constant indexes keep item.raw in registers
-        if (is_kept(magnitude_key(item.raw[e], tensor.dtype), work.min_kept_key)) {
-          ++kept;
-        } else if (work.zero_masked) {
-          item.raw[e] = 0u;  // +0 in every dtype
-          changed = true;
+        for (uint32_t e = 0; e < 8; ++e) {
+          if (e >= item.count) break;  // constant indexes keep item.raw in registers
+          bool kept_entry = ((given_bits >> e) & 1u) != 0u;
+          if (work.reads_keys()) {
+            const uint32_t key = keys_apart
+                                     ? magnitude_key(load_scalar(tensor.keys, tensor.key_dtype, entries.begin + e),
+                                                     tensor.key_dtype)
+                                     : magnitude_key(item.raw[e], tensor.dtype);
+            kept_entry = is_kept(key, work.test.min_kept_key);
+          }
+          if (kept_entry) {
+            ++kept;
+            bits |= 1u << e;
+          } else if (work.zero_masked) {
+            item.raw[e] = 0u;  // +0 in every dtype
+            changed = true;
+          }
         }
+        if (changed) store_item(tensor.grad, tensor.dtype, entries, item);
       }
-      if (changed) store_item(tensor.grad, tensor.dtype, entries, item);
+      if (work.write_bits) or_mask_bits(words, entries.begin, bits, active);
     }
     if (work.count_kept) {
       kept = warp_sum(kept);
@@ -573,6 +635,12 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
                                     const ExchangeHook* exchange) {
   cudaError_t error = cudaMemsetAsync(zeroed, 0, zeroed_bytes, stream);
   if (error != cudaSuccess) return error;
+  // The bitmap out: cleared, then the apply pass ORs the kept bits in (bits
+  // past a tensor's entries stay 0).
+  if (schedule.write_mask_bits) {
+    error = cudaMemsetAsync(launch.mask_bits, 0, launch.mask_words * sizeof(uint32_t), stream);
+    if (error != cudaSuccess) return error;
+  }
   constexpr int kThreads = SelectionPolicy::kHistogramThreads;
   const auto resident = [](int blocks) { return static_cast<uint32_t>(blocks); };
   // A sharded call sums the pass's counters over the ranks before they are read.

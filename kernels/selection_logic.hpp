@@ -75,6 +75,40 @@ GMTK_HD float gradient_to_float(uint32_t raw, uint32_t dtype) {
   return dtype == kFloat16 ? float16_bits_to_float(raw) : bfloat16_bits_to_float(raw);
 }
 
+// ---- fp32 to 16 bits: nearest-even, as the CPU reference rounds ----------------
+// (parameter stores, and given thresholds taken to a 16-bit dtype)
+
+GMTK_HD uint32_t float_to_bfloat16_bits(float value) {
+  const uint32_t bits = bits_from_float(value);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return ((bits >> 16) | 0x0040u) & 0xFFFFu;  // quiet NaN
+  const uint32_t rounding_bias = 0x7FFFu + ((bits >> 16) & 1u);
+  return ((bits + rounding_bias) >> 16) & 0xFFFFu;
+}
+
+GMTK_HD uint32_t float_to_float16_bits(float value) {
+  const uint32_t bits = bits_from_float(value);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  if (magnitude > 0x7F800000u) return sign | 0x7E00u | ((magnitude >> 13) & 0x3FFu);  // quiet NaN
+  if (magnitude >= 0x477FF000u) return sign | 0x7C00u;  // rounds to infinity
+  if (magnitude >= 0x38800000u) {                       // a normal half: rebias 127 -> 15, round off 13 bits
+    const uint32_t rebiased = magnitude - (112u << 23);
+    return sign | ((rebiased + 0xFFFu + ((rebiased >> 13) & 1u)) >> 13);
+  }
+  // A subnormal half (or zero): round(|value| * 2^24) to nearest-even. A
+  // float subnormal is far below half of 2^-24.
+  const uint32_t exponent = magnitude >> 23;
+  if (exponent == 0) return sign;
+  const uint32_t significand = (magnitude & 0x7FFFFFu) | 0x800000u;
+  const uint32_t shift = 126u - exponent;  // >= 14: |value| * 2^24 = significand * 2^(exponent - 126)
+  if (shift >= 32u) return sign;
+  uint32_t quotient = significand >> shift;
+  const uint32_t remainder = significand & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  if (remainder > half || (remainder == half && (quotient & 1u))) ++quotient;
+  return sign | quotient;  // 1024 is 2^-14, the smallest normal: still the right encoding
+}
+
 // The selection key: the stored bits with the sign cleared. Unsigned order of
 // keys is the order of |g|, -0 == +0, and NaNs sort above +inf by payload
 // (docs/semantics.md).
@@ -389,6 +423,62 @@ GMTK_HD uint32_t min_kept_key(const SetTarget& target, const SetState& state) {
 }
 
 GMTK_HD bool is_kept(uint32_t key, uint32_t min_key) { return key >= min_key; }
+
+// ---- Mask schedules (SPEC section 8): given thresholds and bitmaps ---------------
+
+// The key of a given threshold T for keys of `dtype`: T rounded up to the
+// dtype (the smallest key whose value is >= T), so that a threshold gmtk
+// reported keeps exactly its entries again; T <= 0 keeps all; a NaN T is
+// that NaN in the dtype (docs/semantics.md, "Mask schedules").
+GMTK_HD uint32_t threshold_key(float threshold, uint32_t dtype) {
+  const uint32_t bits = bits_from_float(threshold);
+  const bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  if (!is_nan && !(threshold > 0.0f)) return kKeepAllKey;
+  if (dtype == kFloat32) return bits & 0x7FFFFFFFu;
+  const uint32_t nearest = dtype == kFloat16 ? float_to_float16_bits(threshold) : float_to_bfloat16_bits(threshold);
+  const uint32_t key = magnitude_key(nearest, dtype);
+  return !is_nan && gradient_to_float(nearest, dtype) < threshold ? key + 1u : key;
+}
+
+// How a call decides a tensor's entries: by the key against min_kept_key
+// (selected, or a given threshold's), or by a given bitmap.
+struct KeepTest {
+  uint32_t min_kept_key;
+  const uint32_t* bits;  // the tensor's first word of a given bitmap; null: by the key
+};
+
+// Bits [first, first + count) of a tensor's words, count <= 8, as bits 0..count-1.
+GMTK_HD uint32_t mask_bits_of(const uint32_t* words, uint64_t first, uint32_t count) {
+  const uint64_t word = first / 32u;
+  const uint32_t shift = static_cast<uint32_t>(first % 32u);
+  uint32_t bits = words[word] >> shift;
+  if (shift + count > 32u) bits |= words[word + 1] << (32u - shift);
+  return bits & ((1u << count) - 1u);
+}
+
+GMTK_HD bool keeps(const KeepTest& test, uint64_t entry, uint32_t key) {
+  return test.bits != nullptr ? mask_bits_of(test.bits, entry, 1) != 0u : is_kept(key, test.min_kept_key);
+}
+
+// Where an item's kept bits (entries [first, first + count), count <= 8) go
+// in the tensor's words: `low` ORed into word `word`, `high` into the next.
+struct BitsPlacement {
+  uint64_t word;
+  uint32_t low;
+  uint32_t high;
+};
+
+GMTK_HD BitsPlacement place_mask_bits(uint64_t first, uint32_t bits) {
+  const uint32_t shift = static_cast<uint32_t>(first % 32u);
+  return {first / 32u, bits << shift, shift == 0u ? 0u : bits >> (32u - shift)};
+}
+
+// T as the caller reads it under a given input: NaN for a bitmap (no
+// threshold decided the mask), else the value of the given threshold's key.
+GMTK_HD float given_threshold_value(const KeepTest& test, uint32_t dtype) {
+  if (test.bits != nullptr) return float_from_bits(0x7FC00000u);
+  return gradient_to_float(test.min_kept_key, dtype);
+}
 
 // T as the caller reads it: 0 when all are kept, +inf when none is.
 GMTK_HD float threshold_value(const SetTarget& target, const SetState& state, uint32_t dtype) {

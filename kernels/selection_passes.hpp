@@ -43,9 +43,30 @@ GMTK_HD Range block_chunks(uint32_t block, uint32_t blocks, uint64_t chunk_end) 
   return {begin, begin + per_block < chunk_end ? begin + per_block : chunk_end};
 }
 
+// Whether a call selects at all: given thresholds or a given bitmap decide
+// the mask without selection.
+GMTK_HD bool selects(const SelectionLaunch& p) { return p.mask_source == static_cast<uint32_t>(MaskSource::selected); }
+
 // Whether chunk `c` belongs to a large set that selects in this call.
 GMTK_HD bool selects_large(const SelectionLaunch& p, const SetRecord& set) {
-  return set.large && set_target(p.mask_ratio[set.group], set.logical_numel).goal == SetGoal::select;
+  return selects(p) && set.large && set_target(p.mask_ratio[set.group], set.logical_numel).goal == SetGoal::select;
+}
+
+// How this call decides tensor `t`'s entries once selection is over (in the
+// update and apply passes, and for the outputs): its set's selected
+// threshold, its given threshold taken to its keys' dtype, or its bits of
+// the given bitmap.
+GMTK_HD KeepTest tensor_keep_test(const SelectionLaunch& p, uint32_t t) {
+  const TensorRecord tensor = p.tensors[t];
+  if (p.mask_source == static_cast<uint32_t>(MaskSource::given_bits)) {
+    return {kKeepAllKey, p.given_mask_bits + tensor.mask_word_offset};
+  }
+  if (p.mask_source == static_cast<uint32_t>(MaskSource::given_thresholds)) {
+    return {threshold_key(p.given_thresholds[t], tensor.key_dtype), nullptr};
+  }
+  const SetRecord set = p.sets[tensor.set];
+  const SetTarget target = set_target(p.mask_ratio[set.group], set.logical_numel);
+  return {min_kept_key(target, target.goal == SetGoal::select ? p.states[tensor.set] : SetState{}), nullptr};
 }
 
 // What the block that takes chunk `c` does in `pass`. Depends on the chunk's
@@ -187,7 +208,8 @@ GMTK_HD bool scan_finishes(const SelectionLaunch& p, uint32_t set_index, const u
   // A step defers only where the update can settle the set alone: fp32 (the
   // region), no non-finite gradient (the update then does nothing), and no
   // per-tensor kept counts to take from the gradients before the update.
-  const bool may_defer = p.may_defer != 0 && set.dtype == kFloat32 && *p.flags == 0u &&
+  // Nor where the keys are a score: the update would have to re-read it.
+  const bool may_defer = p.may_defer != 0 && set.dtype == kFloat32 && *p.flags == 0u && !set.scored &&
                          (set.member_count == 1 || p.count_kept_per_tensor == 0);
   advance_selection(*state, pick, counts[pick.bin], set.candidate_capacity, may_defer, set.deferral_capacity);
   p.states[set_index] = *state;
@@ -200,7 +222,7 @@ GMTK_HD bool scan_finishes(const SelectionLaunch& p, uint32_t set_index, const u
 GMTK_HD bool small_set_begins(const SelectionLaunch& p, uint32_t set_index, SetState* state) {
   const SetRecord set = p.sets[set_index];
   const SetTarget target = set_target(p.mask_ratio[set.group], set.logical_numel);
-  if (target.goal != SetGoal::select) return false;
+  if (!selects(p) || target.goal != SetGoal::select) return false;
   begin_selection(*state, target.kept, Window{false, full_range(set.dtype)});
   return true;
 }
@@ -217,25 +239,30 @@ GMTK_HD void advance_small_set(SetState& state, const DigitPlan& plan, BinPick p
   state.done = state.level == static_cast<uint32_t>(plan.levels) ? 1u : 0u;
 }
 
-// ---- The apply pass: mask and per-tensor counts ---------------------------------
+// ---- The apply pass: mask, per-tensor counts and the bitmap ----------------------
 
 struct ApplyWork {
   bool zero_masked;  // write +0 over the masked entries
   bool count_kept;   // add the chunk's kept entries to its tensor's count
-  uint32_t min_kept_key;
+  bool write_bits;   // OR the chunk's kept bits into the bitmap (written even when found_inf is set)
+  KeepTest test;
 
-  GMTK_HD bool idle() const { return !zero_masked && !count_kept; }
+  GMTK_HD bool idle() const { return !zero_masked && !count_kept && !write_bits; }
+  // Whether an entry's decision needs its key (not under a given bitmap).
+  GMTK_HD bool reads_keys() const { return test.bits == nullptr; }
 };
 
 GMTK_HD ApplyWork apply_work(const SelectionLaunch& p, uint64_t c, bool found_non_finite) {
   const ChunkRecord chunk = p.chunks[c];
   const SetRecord set = p.sets[chunk.set];
   const SetTarget target = set_target(p.mask_ratio[set.group], set.logical_numel);
+  const bool given = !selects(p);
   ApplyWork work{};
-  work.zero_masked = p.zero_masked != 0 && !found_non_finite && target.goal != SetGoal::keep_all;
-  work.count_kept =
-      p.count_kept_per_tensor != 0 && set.member_count > 1 && target.goal == SetGoal::select && set.counts_here;
-  work.min_kept_key = min_kept_key(target, target.goal == SetGoal::select ? p.states[chunk.set] : SetState{});
+  work.test = tensor_keep_test(p, chunk.tensor);
+  work.zero_masked = p.zero_masked != 0 && !found_non_finite && (given || target.goal != SetGoal::keep_all);
+  work.count_kept = p.count_kept_per_tensor != 0 && set.counts_here &&
+                    (given || (set.member_count > 1 && target.goal == SetGoal::select));
+  work.write_bits = p.mask_bits != nullptr;
   return work;
 }
 
@@ -245,6 +272,11 @@ GMTK_HD void write_tensor_outputs(const SelectionLaunch& p, uint64_t t) {
   const TensorRecord tensor = p.tensors[t];
   const SetRecord set = p.sets[tensor.set];
   const SetTarget target = set_target(p.mask_ratio[set.group], set.logical_numel);
+  if (!selects(p)) {  // a given input: counted per tensor by the apply pass
+    if (p.thresholds != nullptr) p.thresholds[t] = given_threshold_value(tensor_keep_test(p, t), set.dtype);
+    if (p.kept_counts != nullptr) p.kept_counts[t] = static_cast<int64_t>(p.tensor_kept[t]);
+    return;
+  }
   const SetState state = target.goal == SetGoal::select ? p.states[tensor.set] : SetState{};
   if (p.thresholds != nullptr) p.thresholds[t] = threshold_value(target, state, set.dtype);
   if (p.kept_counts != nullptr) {

@@ -39,10 +39,20 @@ SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& gro
   tables.sample_entries = tuning.sample_entries;
   tables.tensors.resize(tensors.size());
   for (size_t t = 0; t < tensors.size(); ++t) {
-    const uint64_t numel = static_cast<uint64_t>(tensors[t].numel);
-    const uint64_t logical = is_shard(tensors[t]) ? static_cast<uint64_t>(tensors[t].logical_numel) : numel;
-    tables.tensors[t] = TensorRecord{static_cast<uint64_t>(reinterpret_cast<uintptr_t>(tensors[t].grad)), numel,
-                                     logical, 0u, static_cast<uint32_t>(tensors[t].grad_dtype)};
+    const gmtkTensor_t& tensor = tensors[t];
+    TensorRecord& record = tables.tensors[t];
+    record = TensorRecord{};
+    record.grad = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(tensor.grad));
+    record.numel = static_cast<uint64_t>(tensor.numel);
+    record.logical_numel = is_shard(tensor) ? static_cast<uint64_t>(tensor.logical_numel) : record.numel;
+    record.dtype = static_cast<uint32_t>(tensor.grad_dtype);
+    // The mask is chosen on the score when there is one (SPEC section 8).
+    const bool scored = tensor.score != nullptr;
+    record.keys = scored ? static_cast<uint64_t>(reinterpret_cast<uintptr_t>(tensor.score)) : record.grad;
+    record.key_dtype = scored ? static_cast<uint32_t>(tensor.score_dtype) : record.dtype;
+    // The bitmap layout of plan.hpp: each tensor from a word boundary, in plan order.
+    record.mask_word_offset = tables.mask_words;
+    tables.mask_words += (record.numel + 31) / 32;
   }
 
   // Sets, group by group, in tensor order within a group.
@@ -51,7 +61,7 @@ SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& gro
   auto add_set = [&](uint32_t group, const uint32_t* members, uint32_t count) {
     SetRecord set{};
     set.group = group;
-    set.dtype = tables.tensors[members[0]].dtype;
+    set.dtype = tables.tensors[members[0]].key_dtype;  // a global group's keys share one dtype (validate.cpp)
     set.first_member = static_cast<uint32_t>(tables.members.size());
     set.member_count = count;
     for (uint32_t m = 0; m < count; ++m) {
@@ -59,6 +69,7 @@ SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& gro
       tables.tensors[members[m]].set = static_cast<uint32_t>(tables.sets.size());
       set.numel += tables.tensors[members[m]].numel;
       set.logical_numel += tables.tensors[members[m]].logical_numel;
+      if (tables.tensors[members[m]].keys != tables.tensors[members[m]].grad) set.scored = 1u;
     }
     // A global group is all shards or all replicas (validate.cpp).
     set.sharded = is_shard(tensors[members[0]]) ? 1u : 0u;
@@ -133,8 +144,8 @@ SelectionWorkspace selection_workspace(const SelectionTables& tables) {
   SelectionWorkspace workspace{};
   workspace.set_states = layout.reserve(tables.sets.size() * sizeof(SetState));
   workspace.histograms = layout.reserve(tables.histogram_counters * sizeof(unsigned long long));
-  workspace.tensor_kept =
-      layout.reserve(tables.has_multi_tensor_sets ? tables.tensors.size() * sizeof(unsigned long long) : 0);
+  // Counted per tensor for multi-tensor sets, and for every tensor under a given input.
+  workspace.tensor_kept = layout.reserve(tables.tensors.size() * sizeof(unsigned long long));
   workspace.flags = layout.reserve(WorkspaceLayout::kAlignment);
   workspace.zeroed_bytes = workspace.flags + WorkspaceLayout::kAlignment;
   workspace.candidates = layout.reserve(tables.candidate_keys * sizeof(uint32_t));
@@ -145,7 +156,8 @@ SelectionWorkspace selection_workspace(const SelectionTables& tables) {
 
 SelectionSchedule selection_schedule(const SelectionTables& tables, const SelectionRequest& request) {
   SelectionSchedule schedule{};
-  const bool select = request.any_masking;
+  // Given thresholds or a given bitmap decide the mask: nothing is selected.
+  const bool select = request.any_masking && !request.given;
   // A step needs found_inf even unasked: a non-finite gradient makes it a no-op.
   // Sharded: every rank makes the same passes (the collectives between them
   // must match), so nothing here may depend on this rank's chunks or on what
@@ -159,12 +171,16 @@ SelectionSchedule selection_schedule(const SelectionTables& tables, const Select
   schedule.large_scan = large_selection;
   schedule.level_passes = !large_selection ? 0 : (tables.large_fp32_sets > 0 ? 3 : 2);
   schedule.small_sets = select && !tables.small_sets.empty();
-  schedule.zero_masked = request.mask_gradients && select;
-  schedule.count_kept_per_tensor =
-      (request.wants_kept_counts || sharded) && tables.has_multi_tensor_sets && select;
-  schedule.apply = schedule.zero_masked || schedule.count_kept_per_tensor;
+  schedule.zero_masked = request.mask_gradients && (select || request.given);
+  // Under a given input no set has a kept count of its own: every tensor is counted.
+  schedule.count_kept_per_tensor = (request.wants_kept_counts || sharded) &&
+                                   ((tables.has_multi_tensor_sets && select) || request.given);
+  schedule.write_mask_bits = request.write_mask_bits && tables.mask_words > 0;
+  schedule.apply = schedule.zero_masked || schedule.count_kept_per_tensor || schedule.write_mask_bits;
   schedule.update = request.step && !tables.chunks.empty();
-  schedule.deferred = request.step && large_selection && tables.large_fp32_sets > 0;
+  // The bitmap is written before the update: every threshold must be exact by then.
+  schedule.deferred =
+      request.step && large_selection && tables.large_fp32_sets > 0 && !schedule.write_mask_bits;
   schedule.exchange = sharded;
   return schedule;
 }
@@ -176,6 +192,7 @@ void bind_table_sizes(const SelectionTables& tables, SelectionLaunch* launch) {
   launch->tensor_count = static_cast<uint32_t>(tables.tensors.size());
   launch->large_set_count = static_cast<uint32_t>(tables.large_sets.size());
   launch->small_set_count = static_cast<uint32_t>(tables.small_sets.size());
+  launch->mask_words = tables.mask_words;
 }
 
 SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorkspace& layout,
@@ -192,6 +209,13 @@ SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorksp
   launch->kept_counts = args.kept_counts;
   launch->found_inf = args.found_inf;
   launch->step_count = call == EngineCall::step ? args.step_count : nullptr;
+  launch->given_thresholds = args.given_thresholds;
+  launch->given_mask_bits = args.given_mask_bits;
+  launch->mask_bits = args.mask_bits;
+  const MaskSource source = args.given_mask_bits != nullptr    ? MaskSource::given_bits
+                            : args.given_thresholds != nullptr ? MaskSource::given_thresholds
+                                                               : MaskSource::selected;
+  launch->mask_source = static_cast<uint32_t>(source);
 
   SelectionRequest request{};
   request.mask_gradients = call == EngineCall::mask_gradients;
@@ -199,6 +223,8 @@ SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorksp
   request.wants_found_inf = args.found_inf != nullptr;
   request.wants_kept_counts = args.kept_counts != nullptr;
   request.sharded = tables.sharded;
+  request.given = source != MaskSource::selected;
+  request.write_mask_bits = args.mask_bits != nullptr;
   for (size_t g = 0; g < groups.size(); ++g) {
     launch->mask_ratio[g] = groups[g].mask_ratio;
     request.any_masking = request.any_masking || groups[g].mask_ratio > 0.0;
@@ -208,6 +234,7 @@ SelectionSchedule bind_call(const SelectionTables& tables, const SelectionWorksp
   launch->zero_masked = schedule.zero_masked ? 1u : 0u;
   launch->count_kept_per_tensor = schedule.count_kept_per_tensor ? 1u : 0u;
   launch->may_defer = schedule.deferred ? 1u : 0u;
+  if (!schedule.write_mask_bits) launch->mask_bits = nullptr;  // the apply pass writes bits where this is set
   return schedule;
 }
 

@@ -32,11 +32,15 @@ struct SelectionTuning {
 
 // The device tables. Records are plain structs of fixed layout.
 struct TensorRecord {
-  uint64_t grad;           // address of the gradient
-  uint64_t numel;          // entries here
-  uint64_t logical_numel;  // entries of the logical tensor (a shard's, over all ranks; else numel)
+  uint64_t grad;              // address of the gradient
+  uint64_t numel;             // entries here
+  uint64_t logical_numel;     // entries of the logical tensor (a shard's, over all ranks; else numel)
+  uint64_t keys;              // address of what the mask is chosen on: the score, else the gradient
+  uint64_t mask_word_offset;  // its first word in a bitmap (gmtkPlanGetMaskLayout)
   uint32_t set;
-  uint32_t dtype;          // GradDtype
+  uint32_t dtype;             // the gradient's GradDtype
+  uint32_t key_dtype;         // the keys' (the set's dtype)
+  uint32_t padding;
 };
 
 struct SetRecord {
@@ -56,6 +60,8 @@ struct SetRecord {
   uint32_t sharded;             // its tensors are shards: histograms summed over the ranks, no candidates or deferral
   uint32_t counts_here;         // this rank's keys enter the set's histograms: a shard's always, a replica's
                                 // on rank 0 only (every rank holds the same entries; the sum is then rank 0's)
+  uint32_t scored;              // a member selects on a score: the update never defers the set's boundary bin
+  uint32_t padding;
 };
 
 struct ChunkRecord {
@@ -82,6 +88,7 @@ struct SelectionTables {
   uint64_t candidate_keys = 0;        // 32-bit keys, all large fp32 sets
   uint64_t deferral_slots = 0;        // 64-bit positions of deferred entries, all large fp32 sets
   bool has_multi_tensor_sets = false; // a global set of several tensors: its per-tensor kept counts need a count
+  uint64_t mask_words = 0;            // 32-bit words of a bitmap of every tensor (gmtkPlanGetMaskLayout)
 };
 
 // Builds the tables of a validated plan: one set per tensor of a per-tensor
@@ -99,7 +106,7 @@ SelectionTables build_selection_tables(const std::vector<gmtkGroupConfig_t>& gro
 struct SelectionWorkspace {
   size_t set_states;    // SetState per set
   size_t histograms;    // unsigned long long per histogram counter
-  size_t tensor_kept;   // unsigned long long per tensor (only with multi-tensor sets)
+  size_t tensor_kept;   // unsigned long long per tensor: counts of multi-tensor sets' members, or of a given input's
   size_t flags;         // uint32_t: [0] found a non-finite gradient
   size_t zeroed_bytes;
   size_t candidates;    // uint32_t per candidate key
@@ -134,6 +141,10 @@ struct SelectionLaunch {
   int64_t* kept_counts;
   float* found_inf;
   int64_t* step_count;          // gmtkStep's device counter: advanced by the outputs launch unless found_inf
+  const float* given_thresholds;    // mask_source given_thresholds: one per tensor
+  const uint32_t* given_mask_bits;  // mask_source given_bits: the plan's bitmap layout
+  uint32_t* mask_bits;              // NULL, or the call's kept-mask out (cleared first, then ORed into)
+  uint64_t mask_words;              // words of the bitmap layout
   uint64_t chunk_count;
   uint64_t large_chunks;
   uint32_t tensor_count;
@@ -144,8 +155,12 @@ struct SelectionLaunch {
   uint32_t zero_masked;            // the apply pass writes +0 over masked gradients (gmtkMaskGradients)
   uint32_t count_kept_per_tensor;  // the apply pass counts kept entries of multi-tensor sets, per tensor
   uint32_t may_defer;              // gmtkStep: boundary bins may be deferred to the update (advance_selection)
+  uint32_t mask_source;            // MaskSource: selected, or a given input (nothing is selected)
   double mask_ratio[kMaxGroupsOnCuda];
 };
+
+// Where a call's mask comes from (SPEC section 8).
+enum class MaskSource : uint32_t { selected = 0, given_thresholds = 1, given_bits = 2 };
 
 // The three calls of the API, as the engine runs them.
 enum class EngineCall { select_thresholds, mask_gradients, step };
@@ -159,6 +174,8 @@ struct SelectionRequest {
   bool any_masking;        // some group's ratio is above 0 (else every set keeps all: no selection work)
   bool sharded;            // the plan's histograms, found_inf and per-tensor counts are summed over ranks:
                            // every rank then makes the same passes, whatever its own arguments ask
+  bool given;              // given thresholds or a given bitmap decide the mask: nothing is selected
+  bool write_mask_bits;    // args->mask_bits is set
 };
 
 // Which launches a call makes, decided on the host from the tables and the
@@ -172,9 +189,10 @@ struct SelectionSchedule {
   int level_passes;           // further level passes over the large sets' chunks, each with its scan:
                               // 3 with large fp32 sets (the no-window fallback's 3 levels), 2 with only 16-bit ones
   bool small_sets;            // the one-block selection of small sets
-  bool apply;                 // the mask / count pass
+  bool apply;                 // the mask / count / bitmap pass
   bool zero_masked;
-  bool count_kept_per_tensor;
+  bool count_kept_per_tensor;  // of multi-tensor sets' members, or of every tensor under a given input
+  bool write_mask_bits;        // the bitmap is cleared (a memset) and the apply pass ORs the kept bits in
   bool update;                // gmtkStep's fused update (step_kernels.cu), after selection
   bool deferred;              // after the update: the deferred entries' level pass, its scan, and their finish
   bool exchange;              // sharded: each histogram pass's counters (pass A's found_inf flag, the apply
@@ -182,7 +200,7 @@ struct SelectionSchedule {
 
   // Kernel launches plus the workspace memset.
   int launches() const {
-    return 2 + (sample ? 2 : 0) + (pass_a ? 1 : 0) + (large_scan ? 1 : 0) + 2 * level_passes + (small_sets ? 1 : 0) +
+    return 2 + (write_mask_bits ? 1 : 0) + (sample ? 2 : 0) + (pass_a ? 1 : 0) + (large_scan ? 1 : 0) + 2 * level_passes + (small_sets ? 1 : 0) +
            (apply ? 1 : 0) + (update ? 1 : 0) + (deferred ? 3 : 0);
   }
 };

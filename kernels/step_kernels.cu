@@ -148,14 +148,17 @@ struct DtypeConstant {
 };
 
 // The items of one work unit, for one gradient x parameter dtype pair (as
-// template arguments: the conversions compile to a few instructions each).
-template <uint32_t kGrad, uint32_t kParam, bool kDefer>
-__device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t grad, const StepTensorRecord& buffers,
-                                             const UpdateWork& work, const StepGroup& group,
-                                             const StepScalars& scalars, bool has_scale, float inv_loss_scale,
-                                             const DeferralTarget& deferral) {
+// template arguments: the conversions compile to a few instructions each)
+// and one source of decisions.
+template <uint32_t kGrad, uint32_t kParam, ItemKeys kKeys>
+__device__ __forceinline__ void update_items(const VectorSplit& split, const TensorRecord& tensor,
+                                             const StepTensorRecord& buffers, const UpdateWork& work,
+                                             const StepGroup& group, const StepScalars& scalars, bool has_scale,
+                                             float inv_loss_scale, const DeferralTarget& deferral) {
   constexpr uint32_t kGradBytes = kGrad == kFloat32 ? 4u : 2u;
   constexpr uint32_t kParamBytes = kParam == kFloat32 ? 4u : 2u;
+  constexpr bool kDefer = kKeys == ItemKeys::gradient_deferring;
+  const uint64_t grad = tensor.grad;
   for (uint64_t i = threadIdx.x; i < split.items(); i += blockDim.x) {
     const Range entries = item_entries(split, i);
     const uint32_t count = static_cast<uint32_t>(entries.end - entries.begin);
@@ -166,8 +169,25 @@ __device__ __forceinline__ void update_items(const VectorSplit& split, uint64_t 
     const auto load_item_state_now = [&](bool param_bits) {
       load_item_state(buffers, kParamBytes, kParam, entries, param_bits, param_raw, values);
     };
-    load_raw(grad, kGradBytes, entries, grad_raw);
     ItemPlan item;
+    if constexpr (kKeys == ItemKeys::bitmap || kKeys == ItemKeys::score) {
+      // Decided before the gradient is read: in freeze mode an item whose
+      // entries are all masked reads nothing but its bits (or score).
+      if constexpr (kKeys == ItemKeys::bitmap) {
+        item = plan_item_from_bits(mask_bits_of(work.test.bits, entries.begin, count), count, work);
+      } else {
+        uint32_t key_raw[kStepVectorEntries] = {};
+        load_raw(tensor.keys, dtype_bytes(tensor.key_dtype), entries, key_raw);
+        item = plan_item(key_raw, count, tensor.key_dtype, work);
+      }
+      if (!item.touches_state) continue;
+      load_raw(grad, kGradBytes, entries, grad_raw);
+      load_item_state_now(loads_param_bits(item, has_master));
+      update_item(item, grad_raw, kGrad, values, group, scalars, has_scale, inv_loss_scale);
+      store_item_state(buffers, kParamBytes, kParam, entries, item, param_raw, values);
+      continue;
+    }
+    load_raw(grad, kGradBytes, entries, grad_raw);
     if (kDefer || work.freeze) {
       // The state loads wait for the gradient: an item whose entries are all
       // masked (or deferred) reads and writes nothing else (the sectors freeze skips).
@@ -219,15 +239,28 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBloc
     const DeferralTarget deferral{p, c};
     // Deferring units (large fp32 sets of a step) in their own instantiation,
     // so that the others' loop carries none of its registers.
+    // Scores and given bitmaps (SPEC section 8) likewise.
+    const ItemKeys keys = item_keys(work, tensor);
     const auto run = [&](auto grad_dtype, auto param_dtype) {
       constexpr uint32_t kGrad = decltype(grad_dtype)::value;
       constexpr uint32_t kParam = decltype(param_dtype)::value;
-      if (work.defer) {
-        update_items<kGrad, kParam, true>(split, tensor.grad, buffers, work, group, scalars, has_scale,
-                                          inv_loss_scale, deferral);
-      } else {
-        update_items<kGrad, kParam, false>(split, tensor.grad, buffers, work, group, scalars, has_scale,
-                                           inv_loss_scale, deferral);
+      switch (keys) {
+        case ItemKeys::gradient:
+          update_items<kGrad, kParam, ItemKeys::gradient>(split, tensor, buffers, work, group, scalars, has_scale,
+                                                          inv_loss_scale, deferral);
+          break;
+        case ItemKeys::gradient_deferring:
+          update_items<kGrad, kParam, ItemKeys::gradient_deferring>(split, tensor, buffers, work, group, scalars,
+                                                                    has_scale, inv_loss_scale, deferral);
+          break;
+        case ItemKeys::score:
+          update_items<kGrad, kParam, ItemKeys::score>(split, tensor, buffers, work, group, scalars, has_scale,
+                                                       inv_loss_scale, deferral);
+          break;
+        case ItemKeys::bitmap:
+          update_items<kGrad, kParam, ItemKeys::bitmap>(split, tensor, buffers, work, group, scalars, has_scale,
+                                                        inv_loss_scale, deferral);
+          break;
       }
     };
     using F32 = DtypeConstant<kFloat32>;

@@ -90,39 +90,6 @@ GMTK_HD double sqrt_double(double value) {
 #endif
 }
 
-// ---- 16-bit stores: nearest-even, as the CPU reference rounds -----------------
-
-GMTK_HD uint32_t float_to_bfloat16_bits(float value) {
-  const uint32_t bits = bits_from_float(value);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return ((bits >> 16) | 0x0040u) & 0xFFFFu;  // quiet NaN
-  const uint32_t rounding_bias = 0x7FFFu + ((bits >> 16) & 1u);
-  return ((bits + rounding_bias) >> 16) & 0xFFFFu;
-}
-
-GMTK_HD uint32_t float_to_float16_bits(float value) {
-  const uint32_t bits = bits_from_float(value);
-  const uint32_t sign = (bits >> 16) & 0x8000u;
-  const uint32_t magnitude = bits & 0x7FFFFFFFu;
-  if (magnitude > 0x7F800000u) return sign | 0x7E00u | ((magnitude >> 13) & 0x3FFu);  // quiet NaN
-  if (magnitude >= 0x477FF000u) return sign | 0x7C00u;  // rounds to infinity
-  if (magnitude >= 0x38800000u) {                       // a normal half: rebias 127 -> 15, round off 13 bits
-    const uint32_t rebiased = magnitude - (112u << 23);
-    return sign | ((rebiased + 0xFFFu + ((rebiased >> 13) & 1u)) >> 13);
-  }
-  // A subnormal half (or zero): round(|value| * 2^24) to nearest-even. A
-  // float subnormal is far below half of 2^-24.
-  const uint32_t exponent = magnitude >> 23;
-  if (exponent == 0) return sign;
-  const uint32_t significand = (magnitude & 0x7FFFFFu) | 0x800000u;
-  const uint32_t shift = 126u - exponent;  // >= 14: |value| * 2^24 = significand * 2^(exponent - 126)
-  if (shift >= 32u) return sign;
-  uint32_t quotient = significand >> shift;
-  const uint32_t remainder = significand & ((1u << shift) - 1u);
-  const uint32_t half = 1u << (shift - 1u);
-  if (remainder > half || (remainder == half && (quotient & 1u))) ++quotient;
-  return sign | quotient;  // 1024 is 2^-14, the smallest normal: still the right encoding
-}
-
 // A parameter of `dtype` from an fp32 value, as raw bits.
 GMTK_HD uint32_t float_to_stored_bits(float value, uint32_t dtype) {
   if (dtype == kFloat32) return bits_from_float(value);

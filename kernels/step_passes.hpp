@@ -18,9 +18,13 @@ struct UpdateWork {
   bool freeze;
   bool defer;             // the set's boundary bin is deferred: `range`
   uint32_t group;
-  uint32_t min_kept_key;  // entries with key >= this are kept (when not deferring)
+  KeepTest test;          // by key (entries with key >= test.min_kept_key are kept, when not deferring) or by bits
   LevelRange range;
 };
+
+// Where the update takes an item's decisions from: the gradient's keys, the
+// same with the set's boundary bin deferred, a score's keys, or a given bitmap.
+enum class ItemKeys : uint32_t { gradient, gradient_deferring, score, bitmap };
 
 // Runs after selection: every set's answer is final. Called only when no
 // gradient was found non-finite (the whole pass is then a no-op).
@@ -31,8 +35,9 @@ GMTK_HD UpdateWork update_work(const SelectionLaunch& p, const StepLaunch& s, ui
   UpdateWork work{};
   work.group = set.group;
   work.freeze = (s.groups[set.group].flags & kFreeze) != 0;
+  work.test = tensor_keep_test(p, chunk.tensor);
+  if (!selects(p)) return work;  // a given input: nothing deferred
   const SetState state = target.goal == SetGoal::select ? p.states[chunk.set] : SetState{};
-  work.min_kept_key = min_kept_key(target, state);
   work.defer = state.defer != 0 && !state.done;
   work.range = current_range(state);
   // Freeze at ratio 1 keeps nothing and changes nothing: not even the gradient is read.
@@ -40,10 +45,17 @@ GMTK_HD UpdateWork update_work(const SelectionLaunch& p, const StepLaunch& s, ui
   return work;
 }
 
+// Where the update of a chunk of tensor `tensor` takes its decisions from.
+GMTK_HD ItemKeys item_keys(const UpdateWork& work, const TensorRecord& tensor) {
+  if (work.test.bits != nullptr) return ItemKeys::bitmap;
+  if (work.defer) return ItemKeys::gradient_deferring;  // never a scored set (scan_finishes)
+  return tensor.keys != tensor.grad ? ItemKeys::score : ItemKeys::gradient;
+}
+
 // The fate of an entry in the update pass.
 GMTK_HD EntryFate update_fate(uint32_t key, const UpdateWork& work) {
   return work.defer ? deferring_entry_fate(key, work.range, work.freeze)
-                    : entry_fate(key, work.min_kept_key, work.freeze);
+                    : entry_fate(key, work.test.min_kept_key, work.freeze);
 }
 
 // Where a deferred entry is: its chunk, and its entry in the chunk (< 2^16).
@@ -77,7 +89,7 @@ GMTK_HD FinishWork finish_work(const SelectionLaunch& p, const StepLaunch& s, ui
   work.group = set.group;
   work.settle.group = set.group;
   work.settle.freeze = (s.groups[set.group].flags & kFreeze) != 0;
-  work.settle.min_kept_key = state.prefix;
+  work.settle.test = {state.prefix, nullptr};
   return work;
 }
 
@@ -92,18 +104,35 @@ struct ItemPlan {
 
 GMTK_HD bool left_alone(EntryFate fate) { return fate == EntryFate::skip || fate == EntryFate::deferred; }
 
-// Decides an item's entries from their stored gradients. In freeze mode an
-// item whose entries are all masked touches nothing but its gradient: at
-// high ratios whole 32-byte sectors of param, master and state stay unread.
-GMTK_HD ItemPlan plan_item(const uint32_t* grad_raw, uint32_t count, uint32_t grad_dtype, const UpdateWork& work) {
+GMTK_HD void add_fate(ItemPlan& plan, uint32_t e, EntryFate fate) {
+  plan.fate[e] = fate;
+  plan.touches_state = plan.touches_state || fate == EntryFate::update || fate == EntryFate::update_with_zero;
+  plan.deferred += fate == EntryFate::deferred ? 1u : 0u;
+}
+
+// Decides an item's entries from their stored keys (the gradient's, or a
+// score's). In freeze mode an item whose entries are all masked touches
+// nothing but its keys: at high ratios whole 32-byte sectors of param,
+// master and state stay unread (and of the gradient too, under a score).
+GMTK_HD ItemPlan plan_item(const uint32_t* key_raw, uint32_t count, uint32_t key_dtype, const UpdateWork& work) {
   ItemPlan plan{};
   plan.count = count;
   for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
     if (e >= count) break;  // constant indexes keep the arrays in registers
-    plan.fate[e] = update_fate(magnitude_key(grad_raw[e], grad_dtype), work);
-    plan.touches_state = plan.touches_state || plan.fate[e] == EntryFate::update ||
-                         plan.fate[e] == EntryFate::update_with_zero;
-    plan.deferred += plan.fate[e] == EntryFate::deferred ? 1u : 0u;
+    add_fate(plan, e, update_fate(magnitude_key(key_raw[e], key_dtype), work));
+  }
+  return plan;
+}
+
+// The same from an item's bits of a given bitmap (bit e: entry e kept). A
+// fixed-bitmap freeze step reads nothing else of an item whose bits are clear.
+GMTK_HD ItemPlan plan_item_from_bits(uint32_t bits, uint32_t count, const UpdateWork& work) {
+  ItemPlan plan{};
+  plan.count = count;
+  for (uint32_t e = 0; e < kStepVectorEntries; ++e) {
+    if (e >= count) break;
+    const bool kept = ((bits >> e) & 1u) != 0u;
+    add_fate(plan, e, kept ? EntryFate::update : work.freeze ? EntryFate::skip : EntryFate::update_with_zero);
   }
   return plan;
 }

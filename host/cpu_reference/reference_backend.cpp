@@ -277,7 +277,7 @@ class ReferenceBackend final : public Backend {
       if (args.given_mask_bits != nullptr) {
         decisions[t] = KeepDecision{kKeepAll, args.given_mask_bits + plan.mask_word_offsets[t]};
       } else if (args.given_thresholds != nullptr) {
-        decisions[t] = KeepDecision{rule_of_threshold(plan.tensors[t].grad_dtype, args.given_thresholds[t]), nullptr};
+        decisions[t] = KeepDecision{rule_of_threshold(selection_dtype(plan.tensors[t]), args.given_thresholds[t]), nullptr};
       } else {
         decisions[t] = KeepDecision{rules[t], nullptr};
       }
@@ -293,7 +293,7 @@ class ReferenceBackend final : public Backend {
       const gmtkTensor_t& tensor = plan.tensors[t];
       if (args.thresholds != nullptr) {  // a given bitmap has no threshold: NaN
         args.thresholds[t] = args.given_mask_bits != nullptr ? std::numeric_limits<float>::quiet_NaN()
-                                                             : threshold_value(tensor.grad_dtype, decisions[t].rule);
+                                                             : threshold_value(selection_dtype(tensor), decisions[t].rule);
       }
       if (args.kept_counts != nullptr) args.kept_counts[t] = static_cast<int64_t>(counts[t]);
       if (args.mask_bits != nullptr) write_mask_bits(tensor, decisions[t], args.mask_bits + plan.mask_word_offsets[t]);

@@ -153,13 +153,6 @@ class CudaBackend final : public Backend {
       return fail(GMTK_ERROR_NOT_SUPPORTED, "config->num_groups is %zu; the CUDA backend takes at most %d groups",
                   plan.groups.size(), kernels::kMaxGroupsOnCuda);
     }
-    for (size_t t = 0; t < plan.tensors.size(); ++t) {
-      if (plan.tensors[t].score != nullptr) {
-        return fail(GMTK_ERROR_NOT_SUPPORTED,
-                    "tensors[%zu].score is set: score-based selection runs on the CPU reference backend only so far",
-                    t);
-      }
-    }
     if (plan.tensors.size() > 0x7FFFFFFFu) {
       return fail(GMTK_ERROR_NOT_SUPPORTED, "config->num_tensors is %zu; the CUDA backend takes at most 2^31 - 1",
                   plan.tensors.size());
@@ -206,11 +199,6 @@ class CudaBackend final : public Backend {
                                             : call.operation == Operation::mask_gradients
                                                 ? kernels::EngineCall::mask_gradients
                                                 : kernels::EngineCall::select_thresholds;
-    if (call.args.given_thresholds != nullptr || call.args.given_mask_bits != nullptr || call.args.mask_bits != nullptr) {
-      return fail(GMTK_ERROR_NOT_SUPPORTED,
-                  "args->given_thresholds, given_mask_bits and mask_bits run on the CPU reference backend only so far "
-                  "(docs/api.md)");
-    }
     // Per-call fields go into a copy: a plan may serve calls from several threads.
     kernels::SelectionLaunch launch = state.launch;
     unsigned char* base = WorkspaceLayout::aligned_base(call.workspace);

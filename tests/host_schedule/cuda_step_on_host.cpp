@@ -35,6 +35,17 @@ struct StepTensorSpec {
   int32_t group;
   size_t misalignment = 0;        // entries past a 256-byte boundary, for every buffer of the tensor
   size_t state_misalignment = 0;  // extra entries for the fp32 state buffers only (breaks the common vector phase)
+  bool score = false;             // the mask is chosen on a score buffer of score_dtype (SPEC section 8)
+  gmtkDtype_t score_dtype = GMTK_FLOAT32;
+};
+
+// Where a call's mask comes from (SPEC section 8): selection, or a given input.
+enum class MaskInput {
+  selected,
+  thresholds_of_last_call,  // step 1 selects; later calls take the last call's thresholds
+  bits_of_last_call,        // step 1 selects and writes its bitmap; later calls take it
+  random_thresholds,        // per call: entries' values, values between them, and specials
+  random_bits,              // per call: random words, garbage past each tensor's entries included
 };
 
 struct StepCase {
@@ -50,6 +61,9 @@ struct StepCase {
   int non_finite_at_step = 0;  // 1-based step whose last tensor gets an inf gradient (0: none)
   float inv_loss_scale = 0.5f;  // with_scale
   std::vector<float> lr_device_values;  // per step, when groups read lr_device
+  EngineCall call = EngineCall::step;   // or gmtkSelectThresholds / gmtkMaskGradients
+  MaskInput input = MaskInput::selected;
+  bool write_mask_bits = false;         // args.mask_bits
 };
 
 gmtkGroupConfig_t make_group(gmtkOptimizer_t optimizer, double ratio, gmtkMaskMode_t mode,
@@ -129,7 +143,7 @@ const char* dtype_name(gmtkDtype_t dtype) {
 // Every buffer of every tensor in one arena, at the case's misalignments.
 class World {
  public:
-  enum Buffer { kGrad, kParam, kMaster, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kBuffers };
+  enum Buffer { kGrad, kParam, kMaster, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kScore, kBuffers };
 
   World(const StepCase& c) : case_(c), offsets_(c.tensors.size()) {
     size_t size = 0;
@@ -160,6 +174,7 @@ class World {
       case kExpAvg: return adam || group.momentum != 0;
       case kExpAvgSq: return adam;
       case kMaxExpAvgSq: return adam && group.amsgrad;
+      case kScore: return spec.score;
       case kBuffers: break;
     }
     return false;
@@ -168,6 +183,7 @@ class World {
   size_t bytes_of(size_t t, Buffer b) const {
     if (b == kGrad) return element_bytes(case_.tensors[t].grad_dtype);
     if (b == kParam) return element_bytes(case_.tensors[t].param_dtype);
+    if (b == kScore) return element_bytes(case_.tensors[t].score_dtype);
     return 4;
   }
 
@@ -191,6 +207,8 @@ class World {
       r.exp_avg = static_cast<float*>(at(t, kExpAvg));
       r.exp_avg_sq = static_cast<float*>(at(t, kExpAvgSq));
       r.max_exp_avg_sq = static_cast<float*>(at(t, kMaxExpAvgSq));
+      r.score = at(t, kScore);
+      r.score_dtype = spec.score_dtype;
     }
     return records;
   }
@@ -231,6 +249,16 @@ class World {
         }
         put_raw(t, kGrad, i, raw);
       }
+      // A score of its own dtype and contents (an accumulated |g|, say): not the gradient's order.
+      std::mt19937_64 score_rng(case_.seed * 7919 + static_cast<uint64_t>(step) * 31 + t);
+      for (int64_t i = 0; has(t, kScore) && i < spec.numel; ++i) {
+        put_raw(t, kScore, i, entry_bits(case_.contents, spec.score_dtype, static_cast<uint64_t>(i),
+                                         static_cast<uint64_t>(spec.numel), score_rng));
+      }
+      // An inf score over a finite gradient: found_inf checks the gradient only.
+      if (has(t, kScore) && spec.numel > 0 && step == 1) {
+        put_raw(t, kScore, spec.numel / 3, stored_bits(std::numeric_limits<float>::infinity(), spec.score_dtype));
+      }
     }
     if (step == case_.non_finite_at_step) {
       const size_t last = case_.tensors.size() - 1;
@@ -241,6 +269,15 @@ class World {
   }
 
   std::vector<unsigned char>& bytes() { return bytes_; }
+
+  // Entry i of tensor t's keys (its score, else its gradient) as a float.
+  float key_value(size_t t, int64_t i) {
+    const Buffer b = has(t, kScore) ? kScore : kGrad;
+    const gmtkDtype_t dtype = b == kScore ? case_.tensors[t].score_dtype : case_.tensors[t].grad_dtype;
+    uint32_t raw = 0;
+    std::memcpy(&raw, static_cast<unsigned char*>(at(t, b)) + i * bytes_of(t, b), bytes_of(t, b));
+    return stored_value(raw, dtype);
+  }
 
   // Where two worlds first differ: tensor, buffer, entry.
   std::string first_difference(World& other) {
@@ -253,7 +290,8 @@ class World {
           const void* mine = static_cast<unsigned char*>(at(t, buffer)) + i * element;
           const void* theirs = static_cast<unsigned char*>(other.at(t, buffer)) + i * element;
           if (std::memcmp(mine, theirs, element) != 0) {
-            static const char* names[] = {"grad", "param", "master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+            static const char* names[] = {"grad",       "param",          "master_param", "exp_avg",
+                                          "exp_avg_sq", "max_exp_avg_sq", "score"};
             std::ostringstream out;
             out << "tensors[" << t << "]." << names[b] << "[" << i << "]: reference 0x" << std::hex
                 << raw_at(mine, element) << ", host-run CUDA schedule 0x" << raw_at(theirs, element);
@@ -289,10 +327,27 @@ struct CallOutputs {
   std::vector<int64_t> kept;
   float found_inf = -1.0f;
   int64_t step_count = 0;
+  std::vector<uint32_t> mask_bits;  // written when the case asks for the bitmap
 };
 
-gmtkStepArgs_t step_args(CallOutputs& out, const StepCase& c, int step, const float* inv_loss_scale) {
+// A call's given input, the same bytes for both sides.
+struct GivenInput {
+  std::vector<float> thresholds;
+  std::vector<uint32_t> bits;
+  bool use_thresholds = false;
+  bool use_bits = false;
+};
+
+gmtkStepArgs_t step_args(CallOutputs& out, const StepCase& c, int step, const float* inv_loss_scale,
+                         const GivenInput& given) {
   gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
+  args.given_thresholds = given.use_thresholds ? given.thresholds.data() : nullptr;
+  args.given_mask_bits = given.use_bits ? given.bits.data() : nullptr;
+  const bool bits_out = c.write_mask_bits || (c.input == MaskInput::bits_of_last_call && step == 1);
+  if (bits_out) {
+    std::fill(out.mask_bits.begin(), out.mask_bits.end(), 0xDEADBEEFu);  // every word must be written
+    args.mask_bits = out.mask_bits.data();
+  }
   args.step = step;
   args.step_count = c.use_step_count ? &out.step_count : nullptr;
   args.thresholds = out.thresholds.data();
@@ -318,6 +373,33 @@ void add(EngineTrace& total, const EngineTrace& trace) {
   total.small_sets_selected += trace.small_sets_selected;
   total.entries_deferred += trace.entries_deferred;
   total.sets_deferring += trace.sets_deferring;
+  total.items_by_bits += trace.items_by_bits;
+  total.items_by_score += trace.items_by_score;
+  total.items_without_gradient += trace.items_without_gradient;
+  total.found_inf_rereads += trace.found_inf_rereads;
+  total.mask_bits_set += trace.mask_bits_set;
+}
+
+// The given thresholds of a random_thresholds call: for each tensor one of
+// an entry's value, a value just above or below one (between two 16-bit
+// values), or a special (0, -0, negative, the smallest subnormal, inf, NaN).
+std::vector<float> random_thresholds(World& world, const StepCase& c, std::mt19937_64& rng) {
+  std::vector<float> thresholds(c.tensors.size());
+  const float specials[] = {0.0f, -0.0f, -1.0f, 1e-45f, std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(), stored_value(0x7FA12345u, GMTK_FLOAT32), 65519.0f, 1e-7f};
+  for (size_t t = 0; t < thresholds.size(); ++t) {
+    const int64_t numel = c.tensors[t].numel;
+    const uint64_t pick = rng() % 10;
+    if (numel == 0 || pick == 0) {
+      thresholds[t] = specials[rng() % (sizeof(specials) / sizeof(specials[0]))];
+      continue;
+    }
+    const float value = std::fabs(world.key_value(t, static_cast<int64_t>(rng() % static_cast<uint64_t>(numel))));
+    thresholds[t] = pick < 5   ? value
+                    : pick < 8 ? std::nextafter(value, std::numeric_limits<float>::infinity())
+                               : std::nextafter(value, 0.0f);
+  }
+  return thresholds;
 }
 
 // Runs a case's steps on the CPU reference and on the host-run CUDA schedule
@@ -356,21 +438,59 @@ EngineTrace run_case(const StepCase& c, const SelectionTuning& tuning) {
   HostSelectionEngine engine(groups, engine_world.records(), tuning);
 
   const size_t n = c.tensors.size();
-  CallOutputs expected{std::vector<float>(n, -7.0f), std::vector<int64_t>(n, -7)};
-  CallOutputs got{std::vector<float>(n, -9.0f), std::vector<int64_t>(n, -9)};
+  // The bitmap layout: the plan's (gmtkPlanGetMaskLayout) is the engine's.
+  uint64_t mask_words = 0;
+  std::vector<uint64_t> word_offsets(n);
+  REQUIRE(gmtkPlanGetMaskLayout(plan, &mask_words, word_offsets.data()) == GMTK_SUCCESS);
+  REQUIRE(engine.tables().mask_words == mask_words);
+  for (size_t t = 0; t < n; ++t) REQUIRE(engine.tables().tensors[t].mask_word_offset == word_offsets[t]);
+
+  CallOutputs expected{std::vector<float>(n, -7.0f), std::vector<int64_t>(n, -7), -1.0f, 0,
+                       std::vector<uint32_t>(mask_words)};
+  CallOutputs got{std::vector<float>(n, -9.0f), std::vector<int64_t>(n, -9), -1.0f, 0,
+                  std::vector<uint32_t>(mask_words)};
+  GivenInput given;
+  std::mt19937_64 input_rng(c.seed * 101);
   EngineTrace total;
   for (int step = 1; step <= c.steps; ++step) {
     INFO("step " << step);
     if (!c.lr_device_values.empty()) lr_device = c.lr_device_values[static_cast<size_t>(step - 1)];
     reference_world.fill_gradients(step);
     engine_world.fill_gradients(step);
-    const gmtkStepArgs_t reference_args = step_args(expected, c, step, &inv_loss_scale);
+    // This call's given input, from the last call's outputs (compared equal on both sides) or at random.
+    given.use_thresholds = false;
+    given.use_bits = false;
+    switch (c.input) {
+      case MaskInput::selected: break;
+      case MaskInput::thresholds_of_last_call:
+        given.thresholds = expected.thresholds;
+        given.use_thresholds = step > 1;
+        break;
+      case MaskInput::bits_of_last_call:
+        given.bits = expected.mask_bits;
+        given.use_bits = step > 1;
+        break;
+      case MaskInput::random_thresholds:
+        given.thresholds = random_thresholds(reference_world, c, input_rng);
+        given.use_thresholds = true;
+        break;
+      case MaskInput::random_bits:
+        given.bits.resize(mask_words);
+        for (uint32_t& word : given.bits) word = static_cast<uint32_t>(input_rng() & input_rng());  // ~1/4 kept
+        given.use_bits = true;
+        break;
+    }
+    const gmtkStepArgs_t reference_args = step_args(expected, c, step, &inv_loss_scale, given);
     {
-      const gmtkStatus_t status = gmtkStep(plan, &reference_args, nullptr, 0, nullptr);
+      const gmtkStatus_t status = c.call == EngineCall::step ? gmtkStep(plan, &reference_args, nullptr, 0, nullptr)
+                                  : c.call == EngineCall::mask_gradients
+                                      ? gmtkMaskGradients(plan, &reference_args, nullptr, 0, nullptr)
+                                      : gmtkSelectThresholds(plan, &reference_args, nullptr, 0, nullptr);
       INFO(gmtkGetLastErrorMessage());
       REQUIRE(status == GMTK_SUCCESS);
     }
-    const EngineTrace trace = engine.run(step_args(got, c, step, &inv_loss_scale), EngineCall::step);
+    const gmtkStepArgs_t engine_args = step_args(got, c, step, &inv_loss_scale, given);
+    const EngineTrace trace = engine.run(engine_args, c.call);
     CHECK(trace.misaligned_vector_items == 0);  // a device vector load there would fault
 
     CHECK(got.found_inf == expected.found_inf);
@@ -379,6 +499,13 @@ EngineTrace run_case(const StepCase& c, const SelectionTuning& tuning) {
       INFO("tensor " << t);
       CHECK(bits_of(got.thresholds[t]) == bits_of(expected.thresholds[t]));
       if (c.want_kept_counts) CHECK(got.kept[t] == expected.kept[t]);
+    }
+    if (reference_args.mask_bits != nullptr) {
+      for (uint64_t w = 0; w < mask_words; ++w) {
+        INFO("mask word " << w);
+        CHECK(got.mask_bits[w] == expected.mask_bits[w]);
+        if (got.mask_bits[w] != expected.mask_bits[w]) break;
+      }
     }
     const std::string difference = reference_world.first_difference(engine_world);
     CHECK(difference.empty());
@@ -666,6 +793,180 @@ TEST_CASE("the zero shortcuts of the division and the root give the IEEE results
     const float got = gmtk::kernels::sqrt_rn_zero_fast(a);
     CHECK((bits_of(got) == bits_of(want) || (std::isnan(got) && std::isnan(want))));
   }
+}
+
+}  // namespace
+}  // namespace gmtk_test
+
+// ---- Mask schedules (SPEC section 8) ----------------------------------------------------
+
+namespace gmtk_test {
+namespace {
+
+const char* call_name(EngineCall call) {
+  return call == EngineCall::step ? "step" : call == EngineCall::mask_gradients ? "mask" : "select";
+}
+
+// Tensors that put per-tensor sets on both paths (large under tiny tuning)
+// and a global set of three, at misalignments that make items straddle
+// bitmap words.
+std::vector<StepTensorSpec> schedule_tensors(gmtkDtype_t grad, gmtkDtype_t param, bool master) {
+  return {{1000 + 3, grad, param, master, 0, 1},
+          {77, grad, param, master, 1, 3},
+          {300, grad, param, master, 0, 0},
+          {2000, grad, param, master, 1, 2}};
+}
+
+TEST_CASE("given thresholds: the last call's thresholds keep exactly its entries; random ones round up",
+          "[cuda_step_on_host][mask_schedule]") {
+  EngineTrace total;
+  for (MaskInput input : {MaskInput::thresholds_of_last_call, MaskInput::random_thresholds}) {
+    for (EngineCall call : {EngineCall::step, EngineCall::mask_gradients, EngineCall::select_thresholds}) {
+      for (gmtkDtype_t dtype : kDtypes) {
+        for (gmtkMaskMode_t mode : {GMTK_MASK_GRAD, GMTK_MASK_FREEZE}) {
+          StepCase c;
+          c.name = std::string(input == MaskInput::random_thresholds ? "random" : "last call's") +
+                   " thresholds, " + call_name(call) + " " + dtype_name(dtype) +
+                   (mode == GMTK_MASK_FREEZE ? " freeze" : " mask-grad");
+          c.groups = {make_group(GMTK_OPTIMIZER_ADAMW, 0.9, mode),
+                      make_group(GMTK_OPTIMIZER_SGD, 0.5, mode, GMTK_SCOPE_GLOBAL)};
+          c.groups[1].momentum = 0.9;
+          c.tensors = schedule_tensors(dtype, GMTK_FLOAT32, false);
+          c.call = call;
+          c.input = input;
+          c.steps = 4;
+          c.want_kept_counts = mode == GMTK_MASK_GRAD;  // the counts pass runs only when they are asked
+          c.write_mask_bits = dtype == GMTK_BFLOAT16;
+          c.seed = 3 + static_cast<uint64_t>(dtype);
+          add(total, run_case(c, SelectionTuning{}));
+          add(total, run_case(c, tiny_step_tuning()));
+        }
+      }
+    }
+  }
+  CHECK(total.entries_updated > 0);
+  CHECK(total.entries_frozen > 0);
+  CHECK(total.entries_fed_zero > 0);
+  CHECK(total.mask_bits_set > 0);
+}
+
+TEST_CASE("given bitmaps: random bits and the last call's bits, in both mask modes, at every misalignment",
+          "[cuda_step_on_host][mask_schedule]") {
+  EngineTrace total;
+  for (MaskInput input : {MaskInput::random_bits, MaskInput::bits_of_last_call}) {
+    for (EngineCall call : {EngineCall::step, EngineCall::mask_gradients, EngineCall::select_thresholds}) {
+      for (gmtkDtype_t dtype : kDtypes) {
+        for (gmtkMaskMode_t mode : {GMTK_MASK_GRAD, GMTK_MASK_FREEZE}) {
+          for (size_t misalignment : {0u, 1u, 3u}) {
+            StepCase c;
+            c.name = std::string(input == MaskInput::random_bits ? "random" : "last call's") + " bits, " +
+                     call_name(call) + " " + dtype_name(dtype) + (mode == GMTK_MASK_FREEZE ? " freeze" : " mask-grad") +
+                     " +" + std::to_string(misalignment);
+            c.groups = {make_group(GMTK_OPTIMIZER_ADAM, 0.99, mode),
+                        make_group(GMTK_OPTIMIZER_ADAMW, 0.5, mode, GMTK_SCOPE_GLOBAL)};
+            c.groups[0].amsgrad = 1;
+            c.tensors = schedule_tensors(dtype, dtype, dtype != GMTK_FLOAT32);
+            for (StepTensorSpec& t : c.tensors) t.misalignment = (t.misalignment + misalignment) % 4;
+            c.tensors.push_back({45, dtype, dtype, false, 0, misalignment, 1});  // buffers that disagree: scalar items
+            c.call = call;
+            c.input = input;
+            c.steps = 3;
+            c.write_mask_bits = misalignment == 1;  // the given bitmap, written back out
+            c.seed = 5 + misalignment;
+            add(total, run_case(c, tiny_step_tuning()));
+          }
+        }
+      }
+    }
+  }
+  CHECK(total.items_by_bits > 0);
+  CHECK(total.items_without_gradient > 0);  // freeze: items with clear bits read nothing else
+  CHECK(total.vector_items > 0);
+  CHECK(total.scalar_items > 0);
+  CHECK(total.mask_bits_set > 0);
+}
+
+TEST_CASE("the bitmap out of a selecting call, in every call, with deferral off while it is written",
+          "[cuda_step_on_host][mask_schedule]") {
+  EngineTrace total;
+  for (EngineCall call : {EngineCall::step, EngineCall::mask_gradients, EngineCall::select_thresholds}) {
+    for (double ratio : {0.0, 0.5, 0.9, 0.99, 1.0}) {
+      for (bool kept_counts : {false, true}) {
+        StepCase c;
+        c.name = std::string("bits out, ") + call_name(call) + " ratio " + std::to_string(ratio) +
+                 (kept_counts ? " with counts" : "");
+        c.groups = {make_group(GMTK_OPTIMIZER_ADAMW, ratio, GMTK_MASK_FREEZE, GMTK_SCOPE_GLOBAL),
+                    make_group(GMTK_OPTIMIZER_ADAMW, ratio, GMTK_MASK_GRAD)};
+        c.tensors = {{9000, GMTK_FLOAT32, GMTK_FLOAT32, false, 0, 1},
+                     {5003, GMTK_FLOAT32, GMTK_BFLOAT16, true, 0, 3},
+                     {4001, GMTK_FLOAT32, GMTK_FLOAT32, false, 1, 2},
+                     {333, GMTK_BFLOAT16, GMTK_BFLOAT16, false, 1, 1}};
+        c.call = call;
+        c.write_mask_bits = true;
+        c.want_kept_counts = kept_counts;
+        c.steps = 2;
+        const EngineTrace trace = run_case(c, tiny_step_tuning());
+        CHECK(trace.sets_deferring == 0);  // the bits are written before the update: thresholds exact by then
+        add(total, trace);
+        add(total, run_case(c, SelectionTuning{}));
+      }
+    }
+  }
+  CHECK(total.mask_bits_set > 0);
+  CHECK(total.large_sets_selected > 0);
+  CHECK(total.small_sets_selected > 0);
+}
+
+TEST_CASE("score-based selection: scores of any dtype, both scopes, every call, given thresholds on scores",
+          "[cuda_step_on_host][mask_schedule]") {
+  EngineTrace total;
+  for (EngineCall call : {EngineCall::step, EngineCall::mask_gradients, EngineCall::select_thresholds}) {
+    for (gmtkDtype_t grad : kDtypes) {
+      for (gmtkDtype_t score : kDtypes) {
+        for (MaskInput input : {MaskInput::selected, MaskInput::thresholds_of_last_call}) {
+          StepCase c;
+          c.name = std::string("scores ") + dtype_name(score) + " on " + dtype_name(grad) + " gradients, " +
+                   call_name(call) + (input == MaskInput::selected ? "" : ", last call's thresholds");
+          c.groups = {make_group(GMTK_OPTIMIZER_ADAMW, 0.9, GMTK_MASK_FREEZE),
+                      make_group(GMTK_OPTIMIZER_SGD, 0.5, GMTK_MASK_GRAD, GMTK_SCOPE_GLOBAL)};
+          c.tensors = schedule_tensors(grad, GMTK_FLOAT32, false);
+          for (StepTensorSpec& t : c.tensors) {
+            t.score = true;
+            t.score_dtype = score;
+          }
+          c.tensors[2].state_misalignment = 1;  // its score out of phase: scalar items
+          c.call = call;
+          c.input = input;
+          c.write_mask_bits = grad == score;
+          c.want_kept_counts = grad != GMTK_FLOAT16;
+          c.non_finite_at_step = 2;  // an inf gradient under a finite score: found_inf all the same
+          c.steps = 3;
+          c.use_step_count = true;
+          add(total, run_case(c, SelectionTuning{}));
+          add(total, run_case(c, tiny_step_tuning()));
+        }
+      }
+    }
+  }
+  CHECK(total.items_by_score > 0);
+  CHECK(total.items_without_gradient > 0);
+  CHECK(total.found_inf_rereads > 0);
+  CHECK(total.large_sets_selected > 0);
+  CHECK(total.small_sets_selected > 0);
+  CHECK(total.sets_deferring == 0);  // a scored set never defers
+}
+
+TEST_CASE("a global group may mix scored and unscored tensors of one key dtype", "[cuda_step_on_host][mask_schedule]") {
+  StepCase c;
+  c.name = "mixed global group";
+  c.groups = {make_group(GMTK_OPTIMIZER_ADAMW, 0.7, GMTK_MASK_GRAD, GMTK_SCOPE_GLOBAL)};
+  c.tensors = {{3000, GMTK_FLOAT32, GMTK_FLOAT32, false, 0, 0},
+               {2000, GMTK_BFLOAT16, GMTK_BFLOAT16, false, 0, 1, 0, true, GMTK_FLOAT32},
+               {700, GMTK_FLOAT32, GMTK_FLOAT32, false, 0, 2}};
+  c.steps = 2;
+  c.write_mask_bits = true;
+  run_case(c, SelectionTuning{});
+  run_case(c, tiny_step_tuning());
 }
 
 }  // namespace

@@ -46,6 +46,12 @@ struct EngineTrace {
   int64_t entries_deferred = 0;          // left by the update to the finish pass
   int sets_deferring = 0;                // sets whose boundary bin the update deferred
   int exchanges = 0;                     // sharded: points where the ranks summed counters
+  // Mask schedules (SPEC section 8)
+  int64_t items_by_bits = 0;             // update items decided by a given bitmap
+  int64_t items_by_score = 0;            // update items decided by a score's keys
+  int64_t items_without_gradient = 0;    // ... whose gradient was not even read (freeze, all masked)
+  int64_t found_inf_rereads = 0;         // pass A chunks whose gradient was read apart from their score
+  int64_t mask_bits_set = 0;             // bits the apply pass ORed into the bitmap out
 };
 
 // Sizes small enough that every path (large sets of many chunks, windows,
@@ -110,6 +116,7 @@ class HostSelectionEngine {
     trace_.launches = schedule.launches();
 
     std::memset(base, 0, layout_.zeroed_bytes);  // the cudaMemsetAsync
+    if (schedule.write_mask_bits) std::memset(p.mask_bits, 0, p.mask_words * sizeof(uint32_t));
     const auto exchange = [&](ExchangePoint point) {
       if (!schedule.exchange) return;
       for (const ExchangeSpan& span : exchange_spans(tables_, schedule, p, point).span) {
@@ -224,8 +231,23 @@ class HostSelectionEngine {
         }
         const TensorRecord tensor = p.tensors[chunk.tensor];
         SetState& state = p.states[chunk.set];
-        for_each_item_entry(tensor.grad, set.dtype, work.entries.begin, work.entries.end, [&](uint64_t e) {
-          const EntryVisit visit = visit_entry(work, load_raw(tensor.grad, set.dtype, e), set.dtype, has_scale,
+        // A score's keys are counted; found_inf's rule reads the gradient apart.
+        const bool keys_apart = tensor.keys != tensor.grad;
+        if (keys_apart && work.check_non_finite) {
+          ++trace_.found_inf_rereads;
+          ChunkWork found_inf_only{};
+          found_inf_only.source = ChunkSource::skip;
+          found_inf_only.check_non_finite = true;
+          for_each_item_entry(tensor.grad, tensor.dtype, work.entries.begin, work.entries.end, [&](uint64_t e) {
+            non_finite = non_finite || visit_entry(found_inf_only, load_raw(tensor.grad, tensor.dtype, e),
+                                                   tensor.dtype, has_scale, inv_loss_scale).non_finite;
+          });
+        }
+        ChunkWork key_work = work;
+        if (keys_apart) key_work.check_non_finite = false;
+        if (key_work.idle()) continue;
+        for_each_item_entry(tensor.keys, set.dtype, work.entries.begin, work.entries.end, [&](uint64_t e) {
+          const EntryVisit visit = visit_entry(key_work, load_raw(tensor.keys, set.dtype, e), set.dtype, has_scale,
                                                inv_loss_scale);
           non_finite = non_finite || visit.non_finite;
           if (visit.above) ++shared[kAboveSlot];
@@ -310,8 +332,8 @@ class HostSelectionEngine {
         std::fill(histogram.begin(), histogram.begin() + bins, 0u);
         for (uint32_t m = 0; m < set.member_count; ++m) {
           const TensorRecord tensor = p.tensors[p.members[set.first_member + m]];
-          for_each_item_entry(tensor.grad, set.dtype, 0, tensor.numel, [&](uint64_t e) {
-            const uint32_t key = magnitude_key(load_raw(tensor.grad, set.dtype, e), set.dtype);
+          for_each_item_entry(tensor.keys, set.dtype, 0, tensor.numel, [&](uint64_t e) {
+            const uint32_t key = magnitude_key(load_raw(tensor.keys, set.dtype, e), set.dtype);
             if (matches_prefix(key, state.prefix, digit)) ++histogram[digit_of(key, digit)];
           });
         }
@@ -333,15 +355,45 @@ class HostSelectionEngine {
       const ChunkRecord chunk = p.chunks[c];
       const TensorRecord tensor = p.tensors[chunk.tensor];
       uint64_t kept = 0;
-      for_each_item_entry(tensor.grad, tensor.dtype, chunk.begin, chunk.begin + chunk.length, [&](uint64_t e) {
-        if (is_kept(magnitude_key(load_raw(tensor.grad, tensor.dtype, e), tensor.dtype), work.min_kept_key)) {
-          ++kept;
-        } else if (work.zero_masked) {
-          store_zero(tensor.grad, tensor.dtype, e);
+      // The kernel's items are the gradient's; each item's bits are placed
+      // (place_mask_bits) and ORed in, as its warp does with one atomicOr a word.
+      const VectorSplit split = split_for_vectors(tensor.grad, dtype_bytes(tensor.dtype), chunk.begin,
+                                                  chunk.begin + chunk.length);
+      for (uint64_t i = 0; i < split.items(); ++i) {
+        const Range entries = item_entries(split, i);
+        const auto count = static_cast<uint32_t>(entries.end - entries.begin);
+        const uint32_t given_bits = work.reads_keys() ? 0u : mask_bits_of(work.test.bits, entries.begin, count);
+        uint32_t bits = 0;
+        for (uint32_t e = 0; e < count; ++e) {
+          const uint64_t entry = entries.begin + e;
+          bool kept_entry = ((given_bits >> e) & 1u) != 0u;
+          if (work.reads_keys()) {
+            kept_entry = is_kept(magnitude_key(load_raw(tensor.keys, tensor.key_dtype, entry), tensor.key_dtype),
+                                 work.test.min_kept_key);
+          }
+          if (kept_entry) {
+            ++kept;
+            bits |= 1u << e;
+          } else if (work.zero_masked) {
+            store_zero(tensor.grad, tensor.dtype, entry);
+          }
         }
-      });
+        if (work.write_bits && bits != 0) {
+          uint32_t* words = p.mask_bits + tensor.mask_word_offset;
+          const BitsPlacement place = place_mask_bits(entries.begin, bits);
+          words[place.word] |= place.low;
+          if (place.high != 0) words[place.word + 1] |= place.high;
+          trace_.mask_bits_set += count_bits(bits);
+        }
+      }
       if (work.count_kept) p.tensor_kept[chunk.tensor] += kept;
     }
+  }
+
+  static int count_bits(uint32_t bits) {
+    int n = 0;
+    for (; bits != 0; bits &= bits - 1) ++n;
+    return n;
   }
 
   static void store_raw(uint64_t base, uint32_t dtype, uint64_t entry, uint32_t raw) {
@@ -398,8 +450,24 @@ class HostSelectionEngine {
           }
         }
         uint32_t grad_raw[kStepVectorEntries] = {};
-        for (uint32_t e = 0; e < count; ++e) grad_raw[e] = load_raw(tensor.grad, tensor.dtype, entries.begin + e);
-        const ItemPlan item = plan_item(grad_raw, count, tensor.dtype, work);
+        // update_items<..., keys>: a bitmap or a score decides before the gradient is read.
+        const ItemKeys keys = item_keys(work, tensor);
+        ItemPlan item{};
+        if (keys == ItemKeys::bitmap) {
+          ++trace_.items_by_bits;
+          item = plan_item_from_bits(mask_bits_of(work.test.bits, entries.begin, count), count, work);
+        } else if (keys == ItemKeys::score) {
+          ++trace_.items_by_score;
+          uint32_t key_raw[kStepVectorEntries] = {};
+          for (uint32_t e = 0; e < count; ++e) key_raw[e] = load_raw(tensor.keys, tensor.key_dtype, entries.begin + e);
+          item = plan_item(key_raw, count, tensor.key_dtype, work);
+        }
+        const bool decided_first = keys == ItemKeys::bitmap || keys == ItemKeys::score;
+        if (decided_first && !item.touches_state) ++trace_.items_without_gradient;
+        if (!decided_first || item.touches_state) {
+          for (uint32_t e = 0; e < count; ++e) grad_raw[e] = load_raw(tensor.grad, tensor.dtype, entries.begin + e);
+        }
+        if (!decided_first) item = plan_item(grad_raw, count, tensor.dtype, work);
         for (uint32_t e = 0; e < count; ++e) {
           ++(item.fate[e] == EntryFate::update             ? trace_.entries_updated
              : item.fate[e] == EntryFate::update_with_zero ? trace_.entries_fed_zero
