@@ -142,11 +142,6 @@ __device__ __forceinline__ void store_item_state(const StepTensorRecord& buffers
   if (buffers.max_exp_avg_sq != 0) store_state<&EntryValues::max_exp_avg_sq>(buffers.max_exp_avg_sq, entries, values);
 }
 
-template <uint32_t kDtype>
-struct DtypeConstant {
-  static constexpr uint32_t value = kDtype;
-};
-
 // The items of one work unit, for one gradient x parameter dtype pair (as
 // template arguments: the conversions compile to a few instructions each)
 // and one source of decisions.
@@ -206,6 +201,34 @@ __device__ __forceinline__ void update_items(const VectorSplit& split, const Ten
   }
 }
 
+// A work unit's items under their source of decisions. Inlined with
+// everything below it: a call that is not would copy the launch's
+// parameters (20 KB) to the stack.
+template <uint32_t kGrad, uint32_t kParam>
+__device__ __forceinline__ void update_unit(ItemKeys keys, const VectorSplit& split, const TensorRecord& tensor,
+                                            const StepTensorRecord& buffers, const UpdateWork& work,
+                                            const StepGroup& group, const StepScalars& scalars, bool has_scale,
+                                            float inv_loss_scale, const DeferralTarget& deferral) {
+  switch (keys) {
+    case ItemKeys::gradient:
+      update_items<kGrad, kParam, ItemKeys::gradient>(split, tensor, buffers, work, group, scalars, has_scale,
+                                                      inv_loss_scale, deferral);
+      break;
+    case ItemKeys::gradient_deferring:
+      update_items<kGrad, kParam, ItemKeys::gradient_deferring>(split, tensor, buffers, work, group, scalars,
+                                                                has_scale, inv_loss_scale, deferral);
+      break;
+    case ItemKeys::score:
+      update_items<kGrad, kParam, ItemKeys::score>(split, tensor, buffers, work, group, scalars, has_scale,
+                                                   inv_loss_scale, deferral);
+      break;
+    case ItemKeys::bitmap:
+      update_items<kGrad, kParam, ItemKeys::bitmap>(split, tensor, buffers, work, group, scalars, has_scale,
+                                                    inv_loss_scale, deferral);
+      break;
+  }
+}
+
 __global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBlocksPerMultiprocessor)
     fused_update(SelectionLaunch p, StepLaunch s) {
   if (*p.flags != 0u) return;  // a gradient is not finite: the step is a no-op
@@ -241,42 +264,23 @@ __global__ void __launch_bounds__(UpdatePolicy::kThreads, UpdatePolicy::kMinBloc
     // so that the others' loop carries none of its registers.
     // Scores and given bitmaps (SPEC section 8) likewise.
     const ItemKeys keys = item_keys(work, tensor);
-    const auto run = [&](auto grad_dtype, auto param_dtype) {
-      constexpr uint32_t kGrad = decltype(grad_dtype)::value;
-      constexpr uint32_t kParam = decltype(param_dtype)::value;
-      switch (keys) {
-        case ItemKeys::gradient:
-          update_items<kGrad, kParam, ItemKeys::gradient>(split, tensor, buffers, work, group, scalars, has_scale,
-                                                          inv_loss_scale, deferral);
-          break;
-        case ItemKeys::gradient_deferring:
-          update_items<kGrad, kParam, ItemKeys::gradient_deferring>(split, tensor, buffers, work, group, scalars,
-                                                                    has_scale, inv_loss_scale, deferral);
-          break;
-        case ItemKeys::score:
-          update_items<kGrad, kParam, ItemKeys::score>(split, tensor, buffers, work, group, scalars, has_scale,
-                                                       inv_loss_scale, deferral);
-          break;
-        case ItemKeys::bitmap:
-          update_items<kGrad, kParam, ItemKeys::bitmap>(split, tensor, buffers, work, group, scalars, has_scale,
-                                                        inv_loss_scale, deferral);
-          break;
-      }
-    };
-    using F32 = DtypeConstant<kFloat32>;
-    using F16 = DtypeConstant<kFloat16>;
-    using B16 = DtypeConstant<kBFloat16>;
+#define GMTK_UPDATE_UNIT(kGrad, kParam)                                                                   \
+  update_unit<kGrad, kParam>(keys, split, tensor, buffers, work, group, scalars, has_scale, inv_loss_scale, \
+                             deferral)
+    // Direct calls (a generic lambda here was left out of line for some
+    // pairs, which copied the launch's 20 KB of parameters to the stack).
     switch (pair) {
-      case 0: run(F32{}, F32{}); break;
-      case 1: run(F32{}, F16{}); break;
-      case 2: run(F32{}, B16{}); break;
-      case 3: run(F16{}, F32{}); break;
-      case 4: run(F16{}, F16{}); break;
-      case 5: run(F16{}, B16{}); break;
-      case 6: run(B16{}, F32{}); break;
-      case 7: run(B16{}, F16{}); break;
-      default: run(B16{}, B16{}); break;
+      case 0: GMTK_UPDATE_UNIT(kFloat32, kFloat32); break;
+      case 1: GMTK_UPDATE_UNIT(kFloat32, kFloat16); break;
+      case 2: GMTK_UPDATE_UNIT(kFloat32, kBFloat16); break;
+      case 3: GMTK_UPDATE_UNIT(kFloat16, kFloat32); break;
+      case 4: GMTK_UPDATE_UNIT(kFloat16, kFloat16); break;
+      case 5: GMTK_UPDATE_UNIT(kFloat16, kBFloat16); break;
+      case 6: GMTK_UPDATE_UNIT(kBFloat16, kFloat32); break;
+      case 7: GMTK_UPDATE_UNIT(kBFloat16, kFloat16); break;
+      default: GMTK_UPDATE_UNIT(kBFloat16, kBFloat16); break;
     }
+#undef GMTK_UPDATE_UNIT
   }
 }
 
