@@ -101,6 +101,11 @@ void run_cpu_call(benchmark::State& state, const StepSpec& spec) {
   std::vector<float> thresholds(count);
   gmtkStepArgs_t args = GMTK_STEP_ARGS_INIT;
   args.thresholds = thresholds.data();
+  std::vector<uint32_t> given_input((spec.input_bytes(plan) + 3) / 4);
+  if (spec.prepare_input(plan, given_input.data(), nullptr, 0, nullptr, &args) != GMTK_SUCCESS) {
+    state.SkipWithError(gmtkGetLastErrorMessage());
+    return;
+  }
   int64_t step = 0;
   for (auto _ : state) {
     args.step = ++step;

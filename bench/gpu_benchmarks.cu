@@ -223,6 +223,18 @@ std::string prepare_run(const StepSpec& spec, PreparedRun* run) {
   if (!memory.error().empty()) return memory.error();
   run->args.thresholds = outputs;
   run->args.found_inf = outputs + tensors.size();
+  // A mask schedule's given input, made by one selecting call at the run's ratio.
+  const size_t input_bytes = spec.input_bytes(run->plan.get());
+  if (input_bytes > 0) {
+    void* input = memory.allocate(input_bytes);
+    if (input == nullptr) return memory.error();
+    if (spec.prepare_input(run->plan.get(), input, run->workspace, run->workspace_bytes, nullptr, &run->args) !=
+        GMTK_SUCCESS) {
+      return gmtkGetLastErrorMessage();
+    }
+    const cudaError_t input_error = cudaDeviceSynchronize();
+    if (input_error != cudaSuccess) return cuda_error_text("making the given mask input", input_error);
+  }
   return std::string();
 }
 

@@ -35,6 +35,8 @@ std::string StepSpec::name() const {
       << "_p" << dtype_name(param_dtype) << (master ? "_master" : "") << "/" << shapes.name << "/"
       << distribution_name(distribution) << "/" << (scope == GMTK_SCOPE_GLOBAL ? "global" : "per_tensor") << "/"
       << (mode == GMTK_MASK_FREEZE ? "freeze" : "mask_grad") << "/ratio:" << ratio;
+  if (input == MaskInput::given_thresholds) out << "/given_thresholds";
+  if (input == MaskInput::fixed_bitmap) out << "/fixed_bitmap";
   return out.str();
 }
 
@@ -64,7 +66,30 @@ StepSpec StepSpec::plain() const {
   spec.ratio = 0.0;
   spec.scope = GMTK_SCOPE_PER_TENSOR;
   spec.mode = GMTK_MASK_GRAD;
+  spec.input = MaskInput::selected;
   return spec;
+}
+
+size_t StepSpec::input_bytes(gmtkPlan_t plan) const {
+  if (input == MaskInput::given_thresholds) return shapes.numels.size() * sizeof(float);
+  if (input != MaskInput::fixed_bitmap) return 0;
+  uint64_t words = 0;
+  if (gmtkPlanGetMaskLayout(plan, &words, nullptr) != GMTK_SUCCESS) return 0;
+  return static_cast<size_t>(words) * sizeof(uint32_t);
+}
+
+gmtkStatus_t StepSpec::prepare_input(gmtkPlan_t plan, void* buffer, void* workspace, size_t workspace_bytes,
+                                     gmtkStream_t stream, gmtkStepArgs_t* args) const {
+  if (input == MaskInput::selected) return GMTK_SUCCESS;
+  gmtkStepArgs_t select = GMTK_STEP_ARGS_INIT;
+  if (input == MaskInput::given_thresholds) {
+    select.thresholds = static_cast<float*>(buffer);
+    args->given_thresholds = static_cast<const float*>(buffer);
+  } else {
+    select.mask_bits = static_cast<uint32_t*>(buffer);
+    args->given_mask_bits = static_cast<const uint32_t*>(buffer);
+  }
+  return gmtkSelectThresholds(plan, &select, workspace, workspace_bytes, stream);
 }
 
 StepSpec StepSpec::per_tensor() const {
@@ -103,6 +128,18 @@ std::vector<StepSpec> standard_specs(const StepSpec& base, const std::vector<dou
     specs.back().grad_dtype = specs.back().param_dtype = GMTK_BFLOAT16;
     specs.back().master = true;
     specs.back().ratio = ratio;
+  }
+  // Mask schedules: a selection-free step on the thresholds of an earlier
+  // call, and a fixed-bitmap freeze step, which moves only the sectors that
+  // hold kept entries.
+  specs.push_back(base);
+  specs.back().ratio = 0.9;
+  specs.back().input = MaskInput::given_thresholds;
+  for (double ratio : {0.9, 0.99}) {
+    specs.push_back(base);
+    specs.back().ratio = ratio;
+    specs.back().mode = GMTK_MASK_FREEZE;
+    specs.back().input = MaskInput::fixed_bitmap;
   }
   for (gmtkDtype_t dtype : {GMTK_FLOAT32, GMTK_BFLOAT16}) {
     specs.push_back(base);

@@ -16,6 +16,11 @@ namespace gmtk_bench {
 
 enum class Call { step, select, mask };
 
+// Where a run's mask comes from (SPEC section 8): selected each call, the
+// thresholds of one selecting call given back each call, or the bitmap of
+// one selecting call given each call (a SIFT-style fixed mask).
+enum class MaskInput { selected, given_thresholds, fixed_bitmap };
+
 struct StepSpec {
   std::string device;  // "cpu" or "gpu"
   Call call = Call::step;
@@ -28,6 +33,7 @@ struct StepSpec {
   gmtkMaskMode_t mode = GMTK_MASK_GRAD;
   Distribution distribution = Distribution::student_t3;
   ShapeList shapes;
+  MaskInput input = MaskInput::selected;
 
   std::string name() const;
   // The group config of the run: torch defaults (SGD with momentum 0.9) plus ratio, scope and mode.
@@ -35,8 +41,15 @@ struct StepSpec {
   // Calls the gmtk entry point of `call`.
   gmtkStatus_t invoke(gmtkPlan_t plan, const gmtkStepArgs_t& args, void* workspace, size_t workspace_bytes,
                       gmtkStream_t stream) const;
-  // The same run as a plain step: ratio 0, per-tensor, mask-grad.
+  // The same run as a plain step: ratio 0, per-tensor, mask-grad, selected.
   StepSpec plain() const;
+  // Bytes of the given input the run needs (0 when it selects).
+  size_t input_bytes(gmtkPlan_t plan) const;
+  // Makes the given input in `buffer` (input_bytes of memory the plan's
+  // backend reads) with one selecting call at the run's ratio, and points
+  // `args` at it. Returns the call's status.
+  gmtkStatus_t prepare_input(gmtkPlan_t plan, void* buffer, void* workspace, size_t workspace_bytes,
+                             gmtkStream_t stream, gmtkStepArgs_t* args) const;
   // The same run with per-tensor scope.
   StepSpec per_tensor() const;
   // Bytes the run must move at the least (PERFORMANCE.md): the floor of a
@@ -48,7 +61,9 @@ struct StepSpec {
 // The runs both devices measure on `base`: a step at each of `ratios`, global
 // scope at 0.9, freeze mode at 0.9 and 0.99 (PERFORMANCE.md's targets), bf16
 // gradients and parameters with fp32 master weights at 0, 0.5, 0.9 and 0.99,
-// and selection alone at 0.9 for fp32 and bf16 gradients over `select_shapes`.
+// given thresholds at 0.9 and a fixed-bitmap freeze step at 0.9 and 0.99
+// (mask schedules, each over the plain step), and selection alone at 0.9 for
+// fp32 and bf16 gradients over `select_shapes`.
 std::vector<StepSpec> standard_specs(const StepSpec& base, const std::vector<double>& ratios,
                                      const ShapeList& select_shapes);
 
