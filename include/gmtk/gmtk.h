@@ -172,8 +172,8 @@ typedef struct {
   int64_t shard_offset;
   /* Added in 0.2.0: score-based selection (SPEC section 8). If set, the mask
    * is chosen on |score| (numel entries of score_dtype, same key rules) and
-   * applied to the gradient; found_inf still checks the gradient. CPU
-   * reference backend only so far (a CUDA plan refuses it). */
+   * applied to the gradient; found_inf still checks the gradient. Both
+   * backends. */
   const void* score;
   gmtkDtype_t score_dtype;
 } gmtkTensor_t;
@@ -293,9 +293,9 @@ typedef struct {
    * Argument checks come first; a failure after the reduction (a collective
    * or a launch) leaves the reduced gradients behind. */
   gmtkGradientReduction_t gradient_reduction;
-  /* Added in 0.2.0: mask schedules (docs/semantics.md, "Mask schedules").
-   * CPU reference backend only so far (GMTK_ERROR_NOT_SUPPORTED on CUDA).
-   * At most one of the two inputs; with either, nothing is selected. */
+  /* Added in 0.2.0: mask schedules (docs/semantics.md, "Mask schedules"),
+   * on both backends. At most one of the two inputs; with either, nothing is
+   * selected. On a sharded plan every rank must make the same choice. */
   const float* given_thresholds;   /* optional device input, num_tensors floats: tensor i keeps |g| >= T_i */
   const uint32_t* given_mask_bits; /* optional device input: keeps exactly the set bits (gmtkPlanGetMaskLayout) */
   uint32_t* mask_bits;             /* optional device output: the call's kept-mask, 1 bit per entry, same layout */

@@ -3,6 +3,7 @@ library): a selected step's thresholds and bitmap, given back to another
 model, reproduce it bit for bit; the layout is word-aligned per tensor."""
 
 import numpy as np
+import pytest
 
 import gmtk
 
@@ -46,3 +47,52 @@ def test_a_score_chooses_the_mask():
         plan.mask_gradients(mask_bits=bits)
     assert grad.tolist() == [1, 2, 3, 4, 0, 0, 0, 0]   # the score's top half kept
     assert int(bits[0]) == 0b00001111
+
+
+def test_cuda_schedules_match_the_cpu_reference():
+    """Every mask schedule on the CUDA backend (torch CUDA tensors, the
+    default stream) against the CPU reference fed the same bytes: thresholds,
+    bitmaps, kept counts and parameters bit for bit."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA backend's schedules are unverified here")
+    rng = np.random.default_rng(7)
+    sizes = (1000, 7, 333)
+    grads = [np.round(rng.standard_normal(n) * 64).astype(np.float32) / 64 for n in sizes]
+    scores = [np.abs(rng.standard_normal(n)).astype(np.float32) for n in sizes]
+
+    def run(backend, call_kwargs, with_score):
+        to = (lambda a: torch.from_numpy(a.copy()).cuda()) if backend == gmtk.Backend.CUDA else (lambda a: a.copy())
+        params = [to(np.full(n, 0.5, np.float32)) for n in sizes]
+        tensors = [
+            gmtk.Tensor(to(g), param=p, exp_avg=to(np.zeros(g.size, np.float32)),
+                        exp_avg_sq=to(np.zeros(g.size, np.float32)), score=to(s) if with_score else None)
+            for g, s, p in zip(grads, scores, params)
+        ]
+        plan = gmtk.Plan(gmtk.Handle(backend), [gmtk.GroupConfig(mask_ratio=0.8, mask_mode=gmtk.MaskMode.FREEZE)],
+                         tensors)
+        outputs = dict(thresholds=to(np.zeros(len(sizes), np.float32)), kept_counts=to(np.zeros(len(sizes), np.int64)),
+                       mask_bits=to(np.full(plan.mask_words, 0xFFFFFFFF, np.uint32)))
+        given = {key: to(value) for key, value in call_kwargs.items()}
+        plan.step(**outputs, **given)
+        if backend == gmtk.Backend.CUDA:
+            torch.cuda.synchronize()
+            host = lambda a: a.cpu().numpy()
+        else:
+            host = lambda a: a
+        return ([host(p).view(np.uint32).tolist() for p in params],
+                {key: host(value).view(np.uint32 if key != "kept_counts" else np.int64).tolist()
+                 for key, value in outputs.items()})
+
+    selected_bits = None
+    for case in ("selected", "score", "given_thresholds", "given_mask_bits"):
+        kwargs = {}
+        if case == "given_thresholds":
+            kwargs["given_thresholds"] = np.array([0.25, 1.0 / 3.0, -1.0], np.float32)
+        if case == "given_mask_bits":
+            kwargs["given_mask_bits"] = selected_bits
+        cpu = run(gmtk.Backend.CPU_REFERENCE, kwargs, case == "score")
+        cuda = run(gmtk.Backend.CUDA, kwargs, case == "score")
+        assert cuda == cpu, case
+        if case == "selected":
+            selected_bits = np.array(cpu[1]["mask_bits"], np.uint32)
