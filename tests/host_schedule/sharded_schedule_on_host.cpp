@@ -116,10 +116,13 @@ struct Outputs {
   float found_inf = -1.0f;
   int64_t step_count = 0;
 
+  const float* given_thresholds = nullptr;  // a mask schedule's input (SPEC section 8), the same on every rank
+
   explicit Outputs(size_t n) : thresholds(n, -3.0f), kept_counts(n, -3) {}
 
   gmtkStepArgs_t args() {
     gmtkStepArgs_t a = GMTK_STEP_ARGS_INIT;
+    a.given_thresholds = given_thresholds;
     a.thresholds = thresholds.data();
     a.kept_counts = kept_counts.data();
     a.found_inf = &found_inf;
@@ -172,7 +175,8 @@ SelectionTuning tiny_tuning() {
 // Runs `calls` (select, mask or step, one per entry) on the unsharded CPU
 // reference and on `ranks` host engines, comparing after each.
 void run_and_compare(const Scenario& s, int ranks, const std::vector<EngineCall>& calls, uint32_t seed,
-                     int poisoned_rank = -1, EngineTrace* total = nullptr, bool last_rank_holds_nothing = false) {
+                     int poisoned_rank = -1, EngineTrace* total = nullptr, bool last_rank_holds_nothing = false,
+                     const std::vector<float>* given_thresholds = nullptr) {
   const size_t n = s.tensors.size();
   Buffers expected(s.tensors);
   Buffers shared(s.tensors);  // shards point into these, each rank at its slices
@@ -240,6 +244,10 @@ void run_and_compare(const Scenario& s, int ranks, const std::vector<EngineCall>
 
   std::vector<Outputs> got(static_cast<size_t>(ranks), Outputs(n));
   Outputs want(n);
+  if (given_thresholds != nullptr) {
+    want.given_thresholds = given_thresholds->data();
+    for (Outputs& out : got) out.given_thresholds = given_thresholds->data();
+  }
   for (size_t call = 0; call < calls.size(); ++call) {
     INFO("call " << call << " on " << ranks << " ranks");
     const uint32_t gradient_seed = seed * 131u + static_cast<uint32_t>(call);
@@ -388,3 +396,20 @@ TEST_CASE("a rank that holds no entry at all still takes part in every exchange,
   }
 }
 
+
+namespace {
+
+TEST_CASE("given thresholds on shards: no selection collective, kept counts summed to the logical tensors'",
+          "[sharded_schedule_on_host][mask_schedule]") {
+  for (int ranks : {2, 3}) {
+    for (gmtkMaskMode_t mode : {GMTK_MASK_GRAD, GMTK_MASK_FREEZE}) {
+      const Scenario s = scenario(GMTK_OPTIMIZER_ADAMW, 0.9, mode);
+      std::vector<float> thresholds(s.tensors.size());
+      for (size_t t = 0; t < thresholds.size(); ++t) thresholds[t] = t % 3 == 2 ? -1.0f : 0.05f * static_cast<float>(t + 1);
+      run_and_compare(s, ranks, {EngineCall::select_thresholds, EngineCall::mask_gradients, EngineCall::step},
+                      static_cast<uint32_t>(ranks * 3 + mode), -1, nullptr, ranks == 3, &thresholds);
+    }
+  }
+}
+
+}  // namespace
