@@ -16,6 +16,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../half_float.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -182,12 +184,7 @@ uint16_t bf16_bits(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-uint16_t fp16_bits(float value) {
-  const _Float16 half = static_cast<_Float16>(value);
-  uint16_t bits;
-  std::memcpy(&bits, &half, 2);
-  return bits;
-}
+uint16_t fp16_bits(float value) { return half_float::half_from_float(value); }
 
 size_t element_size(gmtkDtype_t dtype) { return dtype == GMTK_FLOAT32 ? 4 : 2; }
 

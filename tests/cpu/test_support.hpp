@@ -6,6 +6,8 @@
 
 #include <gmtk/gmtk.h>
 
+#include "../half_float.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -33,18 +35,9 @@ inline float float_from(uint32_t bits) {
   return value;
 }
 
-// fp16 through the compiler's _Float16 (round-to-nearest-even).
-inline uint16_t half_from_float(float value) {
-  const _Float16 half = static_cast<_Float16>(value);
-  uint16_t bits;
-  std::memcpy(&bits, &half, 2);
-  return bits;
-}
-inline float half_to_float(uint16_t bits) {
-  _Float16 half;
-  std::memcpy(&half, &bits, 2);
-  return static_cast<float>(half);
-}
+// fp16 conversions: tests/half_float.hpp.
+using half_float::half_from_float;
+using half_float::half_to_float;
 
 // bf16: pick the nearer of the two neighbours by exact double arithmetic,
 // ties to the even bit pattern; beyond the largest finite value, infinity.

@@ -9,6 +9,8 @@
 #include <cstring>
 #include <random>
 
+#include "../half_float.hpp"
+
 namespace gmtk_test {
 
 // ---- Gradient contents -----------------------------------------------------------
@@ -56,20 +58,14 @@ inline size_t element_bytes(gmtkDtype_t dtype) { return dtype == GMTK_FLOAT32 ? 
 inline uint32_t stored_bits(float value, gmtkDtype_t dtype) {
   if (dtype == GMTK_FLOAT32) return bits_of(value);
   if (dtype == GMTK_BFLOAT16) return bits_of(value) >> 16;
-  const _Float16 half = static_cast<_Float16>(value);
-  uint16_t bits;
-  std::memcpy(&bits, &half, 2);
-  return bits;
+  return half_float::half_from_float(value);
 }
 
 // The value of stored bits, the inverse of stored_bits where it is exact.
 inline float stored_value(uint32_t raw, gmtkDtype_t dtype) {
   float value;
   if (dtype == GMTK_FLOAT16) {
-    _Float16 half;
-    const auto bits = static_cast<uint16_t>(raw);
-    std::memcpy(&half, &bits, 2);
-    return static_cast<float>(half);
+    return half_float::half_to_float(static_cast<uint16_t>(raw));
   }
   const uint32_t bits = dtype == GMTK_BFLOAT16 ? raw << 16 : raw;
   std::memcpy(&value, &bits, 4);
