@@ -142,6 +142,7 @@ class CudaBackend final : public Backend {
   // handle's device: a buffer that starts in one allocation and runs past it
   // is caught at its last byte.
   gmtkStatus_t check_reachable(const BufferRange* ranges, size_t count) override {
+    GMTK_CHECK(refuse_pending_error());  // before any query of ours could clear it
     for (const BufferRange* range = ranges; range != ranges + count; ++range) {
       for (const uintptr_t address : {range->begin, range->end - 1}) GMTK_CHECK(check_device_address(*range, address));
     }
@@ -210,11 +211,7 @@ class CudaBackend final : public Backend {
     // An error left by the caller's own earlier work would surface as ours
     // after the launches, and be cleared: refuse before launching anything,
     // and leave it for its owner.
-    const cudaError_t pending = cudaPeekAtLastError();
-    if (pending != cudaSuccess) {
-      return fail(GMTK_ERROR_CUDA, "a CUDA error was pending on this thread before the call (left as it is): %s",
-                  cudaGetErrorString(pending));
-    }
+    GMTK_CHECK(refuse_pending_error());
     const auto stream = reinterpret_cast<cudaStream_t>(call.stream);
     // A sharded plan: the communicator sums the counters between launches.
     Exchange exchange{plan.comm.get(), &state.tables, &schedule, &launch, GMTK_SUCCESS};
@@ -285,6 +282,7 @@ class CudaBackend final : public Backend {
 
 gmtkStatus_t make_cuda_backend(int device, std::shared_ptr<Backend>* backend) {
   GMTK_CHECK(check_device_exists(device, "config->device"));
+  GMTK_CHECK(refuse_pending_error());
 
   CurrentDeviceGuard guard(device);
   cudaDeviceProp properties{};

@@ -11,10 +11,49 @@
 
 namespace gmtk {
 
+// Errors after which the CUDA context is lost: every later CUDA call of the
+// process fails, so no plan of it is usable again.
+inline bool is_sticky(cudaError_t error) {
+  switch (error) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorHardwareStackError:
+    case cudaErrorAssert:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorContextIsDestroyed:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// A CUDA call of gmtk's that failed. Only the error the failed call left is
+// cleared (a caller's earlier error would have refused the call first:
+// refuse_pending_error). The message says whether the plan stays usable.
 inline gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
-  cudaGetLastError();  // the failed call's error must not stay behind for the caller's next CUDA call
-  return fail(error == cudaErrorMemoryAllocation ? GMTK_ERROR_OUT_OF_MEMORY : GMTK_ERROR_CUDA, "%s failed: %s",
-              what, cudaGetErrorString(error));
+  if (!is_sticky(error)) cudaGetLastError();  // a sticky error cannot be cleared, and must be seen
+  if (error == cudaErrorMemoryAllocation) {
+    return fail(GMTK_ERROR_OUT_OF_MEMORY, "%s failed: %s", what, cudaGetErrorString(error));
+  }
+  return fail(GMTK_ERROR_CUDA, "%s failed: %s%s", what, cudaGetErrorString(error),
+              is_sticky(error) ? " (the CUDA context is lost: no plan of it is usable again; destroy them and the "
+                                 "handle)"
+                               : " (the plan stays usable)");
+}
+
+// gmtk's own CUDA queries could fail and clear the thread's last error: a
+// call that finds the caller's earlier CUDA error still pending refuses
+// before making any, and leaves that error in place for its owner.
+inline gmtkStatus_t refuse_pending_error() {
+  const cudaError_t pending = cudaPeekAtLastError();
+  if (pending == cudaSuccess) return GMTK_SUCCESS;
+  return fail(GMTK_ERROR_CUDA, "a CUDA error was pending on this thread before the call (left as it is): %s",
+              cudaGetErrorString(pending));
 }
 
 // That CUDA is usable and `device` (the argument `name`) is one of its
