@@ -125,7 +125,7 @@ using gmtk::guarded;
 extern "C" {
 
 const char* gmtkGetErrorString(gmtkStatus_t status) {
-  switch (status) {
+  switch (gmtk::raw_enum(status)) {  // any int a C caller passes
     case GMTK_SUCCESS: return "success";
     case GMTK_ERROR_INVALID_ARGUMENT: return "invalid argument";
     case GMTK_ERROR_NOT_SUPPORTED: return "not supported";
@@ -178,9 +178,10 @@ gmtkStatus_t gmtkHandleGetBackend(gmtkHandle_t handle, gmtkBackend_t* backend) {
 
 gmtkStatus_t gmtkGroupConfigInit(gmtkGroupConfig_t* config, gmtkOptimizer_t optimizer) {
   GMTK_REQUIRE(config != nullptr, "config is NULL");
-  GMTK_REQUIRE(optimizer == GMTK_OPTIMIZER_ADAMW || optimizer == GMTK_OPTIMIZER_ADAM ||
-                   optimizer == GMTK_OPTIMIZER_SGD,
-               "optimizer is %d; not a gmtkOptimizer_t", static_cast<int>(optimizer));
+  const int raw_optimizer = gmtk::raw_enum(optimizer);
+  GMTK_REQUIRE(raw_optimizer == GMTK_OPTIMIZER_ADAMW || raw_optimizer == GMTK_OPTIMIZER_ADAM ||
+                   raw_optimizer == GMTK_OPTIMIZER_SGD,
+               "optimizer is %d; not a gmtkOptimizer_t", raw_optimizer);
   gmtkGroupConfig_t defaults{};
   defaults.struct_size = sizeof(gmtkGroupConfig_t);
   defaults.optimizer = optimizer;

@@ -5,7 +5,21 @@
 
 #include <gmtk/gmtk.h>
 
+#include <cstring>
+
 namespace gmtk {
+
+// A caller's enum field as the int a C caller may have stored in it, any
+// value at all: reading an out-of-range value as the C++ enum type would be
+// undefined behaviour (UBSan's -fsanitize=enum), so every check of a
+// caller's enum reads it through this first.
+template <typename Enum>
+int raw_enum(const Enum& field) {
+  static_assert(sizeof(Enum) == sizeof(int), "gmtk's C enums are ints");
+  int raw;
+  std::memcpy(&raw, &field, sizeof(raw));
+  return raw;
+}
 
 // Records the message for this thread and returns `status`, so call sites read
 // `return fail(GMTK_ERROR_INVALID_ARGUMENT, "tensors[%lld].grad is NULL", i);`.

@@ -15,9 +15,7 @@
 namespace gmtk {
 namespace {
 
-bool is_valid_dtype(gmtkDtype_t dtype) {
-  return dtype == GMTK_FLOAT32 || dtype == GMTK_FLOAT16 || dtype == GMTK_BFLOAT16;
-}
+bool is_valid_dtype(int dtype) { return dtype == GMTK_FLOAT32 || dtype == GMTK_FLOAT16 || dtype == GMTK_BFLOAT16; }
 
 const char* dtype_name(gmtkDtype_t dtype) {
   switch (dtype) {
@@ -123,10 +121,10 @@ gmtkStatus_t validate_tensor(const gmtkTensor_t& tensor, int64_t index, int32_t 
                tensor.numel);
   GMTK_REQUIRE(tensor.numel <= std::numeric_limits<int64_t>::max() / 8,
                "tensors[%" PRId64 "].numel is %" PRId64 "; its buffers would not fit in memory", index, tensor.numel);
-  GMTK_REQUIRE(is_valid_dtype(tensor.grad_dtype), "tensors[%" PRId64 "].grad_dtype is %d; not a gmtkDtype_t", index,
-               static_cast<int>(tensor.grad_dtype));
-  GMTK_REQUIRE(is_valid_dtype(tensor.param_dtype), "tensors[%" PRId64 "].param_dtype is %d; not a gmtkDtype_t",
-               index, static_cast<int>(tensor.param_dtype));
+  GMTK_REQUIRE(is_valid_dtype(raw_enum(tensor.grad_dtype)), "tensors[%" PRId64 "].grad_dtype is %d; not a gmtkDtype_t",
+               index, raw_enum(tensor.grad_dtype));
+  GMTK_REQUIRE(is_valid_dtype(raw_enum(tensor.param_dtype)),
+               "tensors[%" PRId64 "].param_dtype is %d; not a gmtkDtype_t", index, raw_enum(tensor.param_dtype));
   if (tensor.master_param != nullptr) {
     GMTK_REQUIRE(tensor.param_dtype != GMTK_FLOAT32,
                  "tensors[%" PRId64 "].master_param is set but param_dtype is float32; "
@@ -145,8 +143,8 @@ gmtkStatus_t validate_tensor(const gmtkTensor_t& tensor, int64_t index, int32_t 
                  index, tensor.shard_offset, tensor.shard_offset + tensor.numel, tensor.logical_numel);
   }
   if (tensor.score != nullptr) {
-    GMTK_REQUIRE(is_valid_dtype(tensor.score_dtype), "tensors[%" PRId64 "].score_dtype is %d; not a gmtkDtype_t",
-                 index, static_cast<int>(tensor.score_dtype));
+    GMTK_REQUIRE(is_valid_dtype(raw_enum(tensor.score_dtype)),
+                 "tensors[%" PRId64 "].score_dtype is %d; not a gmtkDtype_t", index, raw_enum(tensor.score_dtype));
   }
   if (tensor.numel == 0) return GMTK_SUCCESS;
 
@@ -188,8 +186,9 @@ gmtkStatus_t validate_handle_config(const gmtkHandleConfig_t* config) {
   GMTK_REQUIRE(config->struct_size == sizeof(gmtkHandleConfig_t),
                "config->struct_size is %zu; expected %zu (initialise it with GMTK_HANDLE_CONFIG_INIT)",
                config->struct_size, sizeof(gmtkHandleConfig_t));
-  GMTK_REQUIRE(config->backend == GMTK_BACKEND_CUDA || config->backend == GMTK_BACKEND_CPU_REFERENCE,
-               "config->backend is %d; not a gmtkBackend_t", static_cast<int>(config->backend));
+  const int backend = raw_enum(config->backend);
+  GMTK_REQUIRE(backend == GMTK_BACKEND_CUDA || backend == GMTK_BACKEND_CPU_REFERENCE,
+               "config->backend is %d; not a gmtkBackend_t", backend);
   if (config->backend == GMTK_BACKEND_CUDA) {
     GMTK_REQUIRE(config->device >= 0, "config->device is %d; it must be a CUDA device ordinal >= 0", config->device);
   }
@@ -244,9 +243,9 @@ gmtkStatus_t validate_group_config(const gmtkGroupConfig_t& group, const char* n
   GMTK_REQUIRE(group.struct_size == sizeof(gmtkGroupConfig_t),
                "%s.struct_size is %zu; expected %zu (initialise it with gmtkGroupConfigInit)", name,
                group.struct_size, sizeof(gmtkGroupConfig_t));
-  GMTK_REQUIRE(group.optimizer == GMTK_OPTIMIZER_ADAMW || group.optimizer == GMTK_OPTIMIZER_ADAM ||
-                   group.optimizer == GMTK_OPTIMIZER_SGD,
-               "%s.optimizer is %d; not a gmtkOptimizer_t", name, static_cast<int>(group.optimizer));
+  const int optimizer = raw_enum(group.optimizer);
+  GMTK_REQUIRE(optimizer == GMTK_OPTIMIZER_ADAMW || optimizer == GMTK_OPTIMIZER_ADAM || optimizer == GMTK_OPTIMIZER_SGD,
+               "%s.optimizer is %d; not a gmtkOptimizer_t", name, optimizer);
   GMTK_REQUIRE(std::isfinite(group.lr) && group.lr >= 0, "%s.lr is %g; it must be finite and >= 0", name, group.lr);
   GMTK_REQUIRE(group.lr_device == nullptr || is_aligned(group.lr_device, alignof(float)),
                "%s.lr_device (%p) is not aligned to 4 bytes", name, static_cast<const void*>(group.lr_device));
@@ -268,10 +267,12 @@ gmtkStatus_t validate_group_config(const gmtkGroupConfig_t& group, const char* n
   }
   GMTK_REQUIRE(group.mask_ratio >= 0 && group.mask_ratio <= 1, "%s.mask_ratio is %g; it must be in [0, 1]", name,
                group.mask_ratio);
-  GMTK_REQUIRE(group.scope == GMTK_SCOPE_PER_TENSOR || group.scope == GMTK_SCOPE_GLOBAL,
-               "%s.scope is %d; not a gmtkScope_t", name, static_cast<int>(group.scope));
-  GMTK_REQUIRE(group.mask_mode == GMTK_MASK_GRAD || group.mask_mode == GMTK_MASK_FREEZE,
-               "%s.mask_mode is %d; not a gmtkMaskMode_t", name, static_cast<int>(group.mask_mode));
+  const int scope = raw_enum(group.scope);
+  const int mask_mode = raw_enum(group.mask_mode);
+  GMTK_REQUIRE(scope == GMTK_SCOPE_PER_TENSOR || scope == GMTK_SCOPE_GLOBAL, "%s.scope is %d; not a gmtkScope_t", name,
+               scope);
+  GMTK_REQUIRE(mask_mode == GMTK_MASK_GRAD || mask_mode == GMTK_MASK_FREEZE, "%s.mask_mode is %d; not a gmtkMaskMode_t",
+               name, mask_mode);
   return GMTK_SUCCESS;
 }
 
@@ -405,10 +406,10 @@ gmtkStatus_t validate_call_arguments(const Plan& plan, Operation operation, cons
   std::memcpy(&given, args, args->struct_size);
   given.struct_size = sizeof(gmtkStepArgs_t);
   args = &given;
-  GMTK_REQUIRE(args->gradient_reduction == GMTK_GRADIENTS_AS_GIVEN || args->gradient_reduction == GMTK_GRADIENTS_SUM ||
-                   args->gradient_reduction == GMTK_GRADIENTS_AVERAGE,
-               "args->gradient_reduction is %d; not a gmtkGradientReduction_t",
-               static_cast<int>(args->gradient_reduction));
+  const int reduction = raw_enum(args->gradient_reduction);
+  GMTK_REQUIRE(reduction == GMTK_GRADIENTS_AS_GIVEN || reduction == GMTK_GRADIENTS_SUM ||
+                   reduction == GMTK_GRADIENTS_AVERAGE,
+               "args->gradient_reduction is %d; not a gmtkGradientReduction_t", reduction);
   GMTK_REQUIRE(args->given_thresholds == nullptr || args->given_mask_bits == nullptr,
                "args->given_thresholds and args->given_mask_bits are both set; a call keeps by one of them");
   GMTK_REQUIRE(args->gradient_reduction == GMTK_GRADIENTS_AS_GIVEN || plan.comm != nullptr,

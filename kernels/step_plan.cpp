@@ -19,7 +19,8 @@ uint32_t common_vector_phase(const gmtkTensor_t& tensor) {
       {tensor.exp_avg, 4},
       {tensor.exp_avg_sq, 4},
       {tensor.max_exp_avg_sq, 4},
-      {tensor.score, dtype_bytes(static_cast<uint32_t>(tensor.score_dtype))},  // the update loads its keys too
+      // the update loads its keys too (score_dtype is read only where there is a score)
+      {tensor.score, tensor.score != nullptr ? dtype_bytes(static_cast<uint32_t>(tensor.score_dtype)) : 4u},
   };
   uint32_t phase = kScalarOnly;
   for (const auto& buffer : buffers) {
