@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building gmtk needs on Debian or Ubuntu, only what is missing:
-# CMake, Ninja, a C/C++ compiler, Catch2 v2 and Google Benchmark, and a Python
+# CMake, Ninja, a C/C++ compiler (and clang for the sanitizer builds), Catch2 v2
+# and Google Benchmark, and a Python
 # virtual environment .venv with what the Python package's build and tests
 # need (PyPI; torch too, unless GMTK_SETUP_TORCH=0). The CUDA toolkit (nvcc 13,
 # with CCCL and NCCL) is expected in /usr/local/cuda.
@@ -8,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for package in cmake ninja-build g++ catch2 libbenchmark-dev; do
+# clang and its runtimes: the sanitizer and fuzzer builds (scripts/sanitizer-tests.sh).
+for package in cmake ninja-build g++ catch2 libbenchmark-dev clang libclang-rt-dev; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 if [ ${#missing[@]} -gt 0 ]; then
