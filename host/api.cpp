@@ -66,8 +66,11 @@ gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepAr
   // there, as with NCCL's own calls, the ranks' agreement is the caller's.)
   if (plan->comm != nullptr && !plan->comm->on_device()) {
     const bool valid = status == GMTK_SUCCESS;
+    // The kind of input, and whether the bitmap is written (on CUDA it decides the deferral).
     const uint32_t mask_inputs =
-        !valid ? 0u : call.args.given_thresholds != nullptr ? 1u : call.args.given_mask_bits != nullptr ? 2u : 0u;
+        !valid ? 0u
+               : (call.args.given_thresholds != nullptr ? 1u : call.args.given_mask_bits != nullptr ? 2u : 0u) |
+                     (call.args.mask_bits != nullptr ? 4u : 0u);
     status = agree_on_call(*plan, operation, valid ? call.args.gradient_reduction : GMTK_GRADIENTS_AS_GIVEN,
                            mask_inputs, status);
   }

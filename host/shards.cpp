@@ -42,6 +42,7 @@ uint64_t plan_signature(const Plan& plan) {
     signature.add(tensor.group);
     signature.add(tensor.grad_dtype);
     signature.add(selection_dtype(tensor));
+    signature.add(tensor.score != nullptr);  // a scored set never defers: the ranks' schedules must match
     signature.add(is_shard(tensor));
     signature.add(logical_numel(tensor));
   }

@@ -19,7 +19,8 @@ gmtkStatus_t agree_on_plan(Communicator& comm, Plan* plan, gmtkStatus_t local_st
 // signature: ranks that call two plans of one communicator in different
 // orders are caught), operation and mask ratios on every rank, every rank's
 // arguments valid.
-// `mask_inputs`: 1 with given thresholds, 2 with a given bitmap, else 0.
+// `mask_inputs`: 1 with given thresholds, 2 with a given bitmap, else 0;
+// plus 4 when the call writes a bitmap.
 gmtkStatus_t agree_on_call(const Plan& plan, Operation operation, gmtkGradientReduction_t gradient_reduction,
                            uint32_t mask_inputs, gmtkStatus_t local_status);
 

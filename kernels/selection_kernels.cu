@@ -635,12 +635,6 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
                                     const ExchangeHook* exchange) {
   cudaError_t error = cudaMemsetAsync(zeroed, 0, zeroed_bytes, stream);
   if (error != cudaSuccess) return error;
-  // The bitmap out: cleared, then the apply pass ORs the kept bits in (bits
-  // past a tensor's entries stay 0).
-  if (schedule.write_mask_bits) {
-    error = cudaMemsetAsync(launch.mask_bits, 0, launch.mask_words * sizeof(uint32_t), stream);
-    if (error != cudaSuccess) return error;
-  }
   constexpr int kThreads = SelectionPolicy::kHistogramThreads;
   const auto resident = [](int blocks) { return static_cast<uint32_t>(blocks); };
   // A sharded call sums the pass's counters over the ranks before they are read.
@@ -681,6 +675,13 @@ cudaError_t launch_selection_passes(const SelectionLaunch& launch, const Selecti
     if ((error = cudaGetLastError()) != cudaSuccess) return error;
   }
   if (schedule.apply) {
+    // The bitmap out: cleared here, not earlier, so that a failed selection
+    // launch leaves it as it was; the apply pass ORs the kept bits in (bits
+    // past a tensor's entries stay 0).
+    if (schedule.write_mask_bits) {
+      error = cudaMemsetAsync(launch.mask_bits, 0, launch.mask_words * sizeof(uint32_t), stream);
+      if (error != cudaSuccess) return error;
+    }
     const uint32_t blocks = grid_for(launch.chunk_count, resident(occupancy.apply));
     apply_keep_rule<<<blocks, SelectionPolicy::kApplyThreads, 0, stream>>>(launch);
     if ((error = cudaGetLastError()) != cudaSuccess) return error;

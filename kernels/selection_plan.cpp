@@ -178,9 +178,11 @@ SelectionSchedule selection_schedule(const SelectionTables& tables, const Select
   schedule.write_mask_bits = request.write_mask_bits && tables.mask_words > 0;
   schedule.apply = schedule.zero_masked || schedule.count_kept_per_tensor || schedule.write_mask_bits;
   schedule.update = request.step && !tables.chunks.empty();
-  // The bitmap is written before the update: every threshold must be exact by then.
+  // The bitmap is written before the update: every threshold must be exact by
+  // then. Decided by the request, not by this rank's word count (a rank of
+  // empty shards has none): the deferred level's exchange must be on every rank.
   schedule.deferred =
-      request.step && large_selection && tables.large_fp32_sets > 0 && !schedule.write_mask_bits;
+      request.step && large_selection && tables.large_fp32_sets > 0 && !request.write_mask_bits;
   schedule.exchange = sharded;
   return schedule;
 }

@@ -207,11 +207,11 @@ class CudaBackend final : public Backend {
     const kernels::SelectionSchedule schedule =
         kernels::bind_call(state.tables, workspace, base, plan.groups, call.args, engine_call, &launch);
 
-    CurrentDeviceGuard guard(device_);
     // An error left by the caller's own earlier work would surface as ours
-    // after the launches, and be cleared: refuse before launching anything,
-    // and leave it for its owner.
+    // after the launches, and be cleared: refuse before any CUDA call, and
+    // leave it for its owner.
     GMTK_CHECK(refuse_pending_error());
+    CurrentDeviceGuard guard(device_);
     const auto stream = reinterpret_cast<cudaStream_t>(call.stream);
     // A sharded plan: the communicator sums the counters between launches.
     Exchange exchange{plan.comm.get(), &state.tables, &schedule, &launch, GMTK_SUCCESS};

@@ -36,12 +36,15 @@ inline bool is_sticky(cudaError_t error) {
 // cleared (a caller's earlier error would have refused the call first:
 // refuse_pending_error). The message says whether the plan stays usable.
 inline gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
-  if (!is_sticky(error)) cudaGetLastError();  // a sticky error cannot be cleared, and must be seen
+  // Cleared if it can be: an error that survives the clearing is sticky
+  // whether or not the list above knows it.
+  cudaGetLastError();
+  const bool sticky = is_sticky(error) || cudaPeekAtLastError() != cudaSuccess;
   if (error == cudaErrorMemoryAllocation) {
     return fail(GMTK_ERROR_OUT_OF_MEMORY, "%s failed: %s", what, cudaGetErrorString(error));
   }
   return fail(GMTK_ERROR_CUDA, "%s failed: %s%s", what, cudaGetErrorString(error),
-              is_sticky(error) ? " (the CUDA context is lost: no plan of it is usable again; destroy them and the "
+              sticky ? " (the CUDA context is lost: no plan of it is usable again; destroy them and the "
                                  "handle)"
                                : " (the plan stays usable)");
 }

@@ -440,10 +440,13 @@ class HostSelectionEngine {
         const auto count = static_cast<uint32_t>(entries.end - entries.begin);
         ++(count > 1 ? trace_.vector_items : trace_.scalar_items);
         if (count > 1) {  // the device loads 4 entries of every buffer as one vector: aligned to 4 elements
-          const uint64_t addresses[] = {tensor.grad, buffers.param, buffers.master, buffers.exp_avg,
-                                        buffers.exp_avg_sq, buffers.max_exp_avg_sq};
-          const uint32_t bytes[] = {dtype_bytes(tensor.dtype), dtype_bytes(buffers.param_dtype), 4, 4, 4, 4};
-          for (int b = 0; b < 6; ++b) {
+          // A score the update loads (its keys) counts too.
+          const uint64_t score = tensor.keys != tensor.grad ? tensor.keys : 0;
+          const uint64_t addresses[] = {tensor.grad,        buffers.param,          buffers.master, buffers.exp_avg,
+                                        buffers.exp_avg_sq, buffers.max_exp_avg_sq, score};
+          const uint32_t bytes[] = {dtype_bytes(tensor.dtype), dtype_bytes(buffers.param_dtype), 4, 4, 4, 4,
+                                    dtype_bytes(tensor.key_dtype)};
+          for (int b = 0; b < 7; ++b) {
             if (addresses[b] != 0 && (addresses[b] + entries.begin * bytes[b]) % (4u * bytes[b]) != 0) {
               ++trace_.misaligned_vector_items;
             }

@@ -8,6 +8,7 @@
 
 #include <gmtk/gmtk.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -118,12 +119,14 @@ struct Outputs {
   int64_t step_count = 0;
 
   const float* given_thresholds = nullptr;  // a mask schedule's input (SPEC section 8), the same on every rank
+  std::vector<uint32_t> mask_bits;         // non-empty: the call writes its bitmap here (even a rank of no entry)
 
   explicit Outputs(size_t n) : thresholds(n, -3.0f), kept_counts(n, -3) {}
 
   gmtkStepArgs_t args() {
     gmtkStepArgs_t a = GMTK_STEP_ARGS_INIT;
     a.given_thresholds = given_thresholds;
+    a.mask_bits = mask_bits.empty() ? nullptr : mask_bits.data();
     a.thresholds = thresholds.data();
     a.kept_counts = kept_counts.data();
     a.found_inf = &found_inf;
@@ -177,7 +180,7 @@ SelectionTuning tiny_tuning() {
 // reference and on `ranks` host engines, comparing after each.
 void run_and_compare(const Scenario& s, int ranks, const std::vector<EngineCall>& calls, uint32_t seed,
                      int poisoned_rank = -1, EngineTrace* total = nullptr, bool last_rank_holds_nothing = false,
-                     const std::vector<float>* given_thresholds = nullptr) {
+                     const std::vector<float>* given_thresholds = nullptr, bool write_bits = false) {
   const size_t n = s.tensors.size();
   Buffers expected(s.tensors);
   Buffers shared(s.tensors);  // shards point into these, each rank at its slices
@@ -255,6 +258,13 @@ void run_and_compare(const Scenario& s, int ranks, const std::vector<EngineCall>
     want.given_thresholds = given_thresholds->data();
     for (Outputs& out : got) out.given_thresholds = given_thresholds->data();
   }
+  std::vector<uint64_t> want_offsets(n);
+  if (write_bits) {
+    uint64_t words = 0;
+    REQUIRE(gmtkPlanGetMaskLayout(plan, &words, want_offsets.data()) == GMTK_SUCCESS);
+    want.mask_bits.assign(std::max<uint64_t>(words, 1), 0u);
+    for (int r = 0; r < ranks; ++r) got[r].mask_bits.assign(std::max<uint64_t>(engines[r]->tables().mask_words, 1), 0u);
+  }
   for (size_t call = 0; call < calls.size(); ++call) {
     INFO("call " << call << " on " << ranks << " ranks");
     const uint32_t gradient_seed = seed * 131u + static_cast<uint32_t>(call);
@@ -308,6 +318,24 @@ void run_and_compare(const Scenario& s, int ranks, const std::vector<EngineCall>
         INFO("tensor " << t);
         CHECK(bits_of(got[r].thresholds[t]) == bits_of(want.thresholds[t]));
         CHECK(got[r].kept_counts[t] == want.kept_counts[t]);
+      }
+    }
+    // A rank's bitmap holds its own entries' bits: its slice of the logical tensor's.
+    for (int r = 0; write_bits && r < ranks; ++r) {
+      INFO("bitmap of rank " << r);
+      for (size_t t = 0; t < n; ++t) {
+        const uint64_t offset = s.tensors[t].replica ? 0 : static_cast<uint64_t>(slices[r][t].first);
+        const uint64_t count = engines[r]->tables().tensors[t].numel;
+        const uint64_t first_word = engines[r]->tables().tensors[t].mask_word_offset;
+        uint64_t differing = 0;
+        for (uint64_t j = 0; j < count; ++j) {
+          const uint32_t mine = (got[r].mask_bits[first_word + j / 32] >> (j % 32)) & 1u;
+          const uint64_t logical = want_offsets[t] * 32 + offset + j;
+          const uint32_t theirs = (want.mask_bits[logical / 32] >> (logical % 32)) & 1u;
+          differing += mine != theirs ? 1 : 0;
+        }
+        INFO("tensor " << t);
+        CHECK(differing == 0);
       }
     }
     // Gradients (masks), parameters and state: shards in place, each rank's replica copy.
@@ -416,6 +444,33 @@ TEST_CASE("given thresholds on shards: no selection collective, kept counts summ
       for (size_t t = 0; t < thresholds.size(); ++t) thresholds[t] = t % 3 == 2 ? -1.0f : 0.05f * static_cast<float>(t + 1);
       run_and_compare(s, ranks, {EngineCall::select_thresholds, EngineCall::mask_gradients, EngineCall::step},
                       static_cast<uint32_t>(ranks * 3 + mode), -1, nullptr, ranks == 3, &thresholds);
+    }
+  }
+}
+
+}  // namespace
+
+namespace {
+
+TEST_CASE("the bitmap out on shards: every rank writes its slice's bits, a rank of no entry included, and no "
+          "rank defers while any writes", "[sharded_schedule_on_host][mask_schedule]") {
+  for (int ranks : {2, 3}) {
+    for (gmtkMaskMode_t mode : {GMTK_MASK_GRAD, GMTK_MASK_FREEZE}) {
+      Scenario s = scenario(GMTK_OPTIMIZER_ADAMW, 0.9, mode);
+      EngineTrace total;
+      run_and_compare(s, ranks, {EngineCall::step, EngineCall::select_thresholds, EngineCall::step},
+                      static_cast<uint32_t>(ranks * 5 + mode), -1, &total, ranks == 3, nullptr, true);
+      // Shards only, the last rank holding nothing: its bitmap has no word,
+      // and it must still skip the deferral as the others do.
+      std::vector<LogicalTensor> shards;
+      for (const LogicalTensor& t : s.tensors) {
+        if (!t.replica) shards.push_back(t);
+      }
+      s.tensors = shards;
+      run_and_compare(s, ranks, {EngineCall::step, EngineCall::step}, static_cast<uint32_t>(ranks * 7 + mode), -1,
+                      &total, true, nullptr, true);
+      CHECK(total.sets_deferring == 0);
+      CHECK(total.large_sets_selected > 0);
     }
   }
 }
