@@ -39,9 +39,16 @@ for target in api differential; do
   corpus=tests/fuzz/corpus/$target
   found=$(mktemp -d)  # inputs the run discovers stay out of the repository
   echo "sanitizer-tests: fuzz_$target for ${fuzz_seconds}s from $(ls "$corpus" | wc -l) seeds"
-  ./build-asan/tests/fuzz/gmtk_fuzz_$target -max_total_time="$fuzz_seconds" -timeout=20 -rss_limit_mb=4096 \
-    -print_final_stats=1 "$found" "$corpus"
-  rm -rf "$found"
+  # Its progress lines go to a log; a finding prints the log's end (the input
+  # that failed is written to ./crash-*, and its bytes and base64 are in the log).
+  if ! ./build-asan/tests/fuzz/gmtk_fuzz_$target -max_total_time="$fuzz_seconds" -timeout=20 -rss_limit_mb=4096 \
+    -print_final_stats=1 "$found" "$corpus" >"$found.log" 2>&1; then
+    tail -n 80 "$found.log"
+    echo "sanitizer-tests: fuzz_$target found a problem (above)" >&2
+    exit 1
+  fi
+  grep -E '^(Done|stat::number_of_executed_units|stat::new_units_added)' "$found.log"
+  rm -rf "$found" "$found.log"
 done
 
 # ---- ThreadSanitizer ----------------------------------------------------------
