@@ -24,16 +24,8 @@ namespace gmtk_test {
 
 // ---- 16-bit values, independently of host/cpu_reference/dtypes.hpp --------
 
-inline uint32_t float_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  return bits;
-}
-inline float float_from(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, 4);
-  return value;
-}
+inline uint32_t float_bits(float value) { return half_float::bits_of_float(value); }
+inline float float_from(uint32_t bits) { return half_float::float_of_bits(bits); }
 
 // fp16 conversions: tests/half_float.hpp.
 using half_float::half_from_float;

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <iomanip>
 #include <limits>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -316,6 +317,64 @@ inline size_t misalign_for(gmtkDtype_t dtype, size_t i) {
 
 inline size_t round_up(size_t value, size_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
+// ---- Ulps -------------------------------------------------------------------------
+
+// A float's position on the number line: consecutive floats differ by 1,
+// -0 and +0 are both 0.
+inline int64_t ordered(float value) {
+  const uint32_t bits = bits_of(value);
+  return (bits & 0x80000000u) != 0 ? -static_cast<int64_t>(bits & 0x7FFFFFFFu) : static_cast<int64_t>(bits);
+}
+// Ulps between two floats; NaN equals NaN and is infinitely far from a number.
+inline uint64_t ulp_distance(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b) ? 0 : std::numeric_limits<uint64_t>::max();
+  const int64_t difference = ordered(a) - ordered(b);
+  return static_cast<uint64_t>(difference < 0 ? -difference : difference);
+}
+
+inline std::string value_text(gmtkDtype_t dtype, uint32_t bits) {
+  std::ostringstream out;
+  out << std::setprecision(9) << value_of_bits(dtype, bits) << " (" << hex_text(bits) << ")";
+  return out.str();
+}
+
+// ---- Entries of a region of a host arena ------------------------------------------
+// A test lays every buffer of a case in one arena; a region (any struct with
+// offset, width and dtype) is one buffer in it.
+
+template <typename Region>
+uint32_t bits_at(const unsigned char* arena, const Region& r, size_t i) {
+  return raw_bits_at(r.dtype, arena + r.offset, i);
+}
+template <typename Region>
+float value_at(const unsigned char* arena, const Region& r, size_t i) {
+  return value_of_bits(r.dtype, bits_at(arena, r, i));
+}
+template <typename Region>
+void put_bits(unsigned char* arena, const Region& r, size_t i, uint32_t bits) {
+  if (r.width == 4) {
+    std::memcpy(arena + r.offset + 4 * i, &bits, 4);
+  } else {
+    const auto half = static_cast<uint16_t>(bits);
+    std::memcpy(arena + r.offset + 2 * i, &half, 2);
+  }
+}
+// Stores a float in the region's format (16-bit: rounded to nearest-even).
+template <typename Region>
+void put_value(unsigned char* arena, const Region& r, size_t i, float value) {
+  put_bits(arena, r, i, r.dtype == GMTK_FLOAT32 ? bits_of(value) : narrow_to_16(value, format_of(r.dtype)));
+}
+template <typename Region>
+int64_t int64_at(const unsigned char* arena, const Region& r, size_t i) {
+  int64_t value;
+  std::memcpy(&value, arena + r.offset + 8 * i, 8);
+  return value;
+}
+template <typename Region>
+void put_int64(unsigned char* arena, const Region& r, size_t i, int64_t value) {
+  std::memcpy(arena + r.offset + 8 * i, &value, 8);
+}
+
 // ---- Owners -------------------------------------------------------------------------
 
 class Stream {
@@ -373,6 +432,46 @@ struct HandleOwner {
   ~HandleOwner() { gmtkHandleDestroy(handle); }
   HandleOwner(const HandleOwner&) = delete;
   HandleOwner& operator=(const HandleOwner&) = delete;
+};
+
+// The bytes a backend reads: device memory for CUDA, host memory for the CPU
+// reference; both 256-byte aligned.
+class BackendMemory {
+ public:
+  BackendMemory(gmtkBackend_t backend, size_t bytes) : cuda_(backend == GMTK_BACKEND_CUDA) {
+    if (cuda_) {
+      device_ = std::make_unique<DeviceMemory>(bytes);
+    } else {
+      host_ = std::make_unique<HostArena>(bytes);
+    }
+  }
+  unsigned char* data() const { return cuda_ ? device_->bytes() : host_->data(); }
+  // On CUDA: queued on the stream; wait() (or a later read) before reusing `source`.
+  void write(size_t offset, const void* source, size_t bytes, cudaStream_t stream) {
+    if (bytes == 0) return;
+    if (cuda_) {
+      GPU_CUDA_OK(cudaMemcpyAsync(data() + offset, source, bytes, cudaMemcpyHostToDevice, stream));
+    } else {
+      std::memcpy(data() + offset, source, bytes);
+    }
+  }
+  void read(size_t offset, void* destination, size_t bytes, cudaStream_t stream) {
+    if (bytes == 0) return;
+    if (cuda_) {
+      GPU_CUDA_OK(cudaMemcpyAsync(destination, data() + offset, bytes, cudaMemcpyDeviceToHost, stream));
+      GPU_CUDA_OK(cudaStreamSynchronize(stream));
+    } else {
+      std::memcpy(destination, data() + offset, bytes);
+    }
+  }
+  void wait(cudaStream_t stream) const {
+    if (cuda_) GPU_CUDA_OK(cudaStreamSynchronize(stream));
+  }
+
+ private:
+  bool cuda_;
+  std::unique_ptr<DeviceMemory> device_;
+  std::unique_ptr<HostArena> host_;
 };
 
 // ---- Reports ---------------------------------------------------------------

@@ -76,17 +76,6 @@ constexpr uint32_t kPositiveInfinity = 0x7F800000u;
 
 // ---- Floats and ulps -----------------------------------------------------------------
 
-// A float's position on the number line: neighbours differ by 1, -0 == +0.
-int64_t ordered(float value) {
-  const uint32_t bits = bits_of(value);
-  return (bits & 0x80000000u) != 0 ? -static_cast<int64_t>(bits & 0x7FFFFFFFu) : static_cast<int64_t>(bits);
-}
-// Ulps between two floats; NaN equals NaN and is infinitely far from a number.
-uint64_t ulp_distance(float a, float b) {
-  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b) ? 0 : std::numeric_limits<uint64_t>::max();
-  const int64_t difference = ordered(a) - ordered(b);
-  return static_cast<uint64_t>(difference < 0 ? -difference : difference);
-}
 // The same for 16-bit values of one format.
 uint64_t ulp_distance_16(uint32_t a, uint32_t b, gmtkDtype_t dtype) {
   const bool a_nan = key_is_nan(dtype, a & 0x7FFFu), b_nan = key_is_nan(dtype, b & 0x7FFFu);
@@ -98,11 +87,6 @@ uint64_t ulp_distance_16(uint32_t a, uint32_t b, gmtkDtype_t dtype) {
   return static_cast<uint64_t>(difference < 0 ? -difference : difference);
 }
 
-std::string value_text(gmtkDtype_t dtype, uint32_t bits) {
-  std::ostringstream out;
-  out << std::setprecision(9) << value_of_bits(dtype, bits) << " (" << hex_text(bits) << ")";
-  return out.str();
-}
 
 // The key a given threshold T > 0 (not NaN) is taken to in `dtype`: the
 // smallest key whose value is >= T (docs/semantics.md: "rounding up").
@@ -287,28 +271,7 @@ void lay_out(Setup& s) {
 
 // ---- Reading and writing an arena ------------------------------------------------------
 
-uint32_t bits_at(const unsigned char* arena, const Region& r, size_t i) {
-  return raw_bits_at(r.dtype, arena + r.offset, i);
-}
-float value_at(const unsigned char* arena, const Region& r, size_t i) {
-  return value_of_bits(r.dtype, bits_at(arena, r, i));
-}
-void put_bits(unsigned char* arena, const Region& r, size_t i, uint32_t bits) {
-  if (r.width == 4) {
-    std::memcpy(arena + r.offset + 4 * i, &bits, 4);
-  } else {
-    const auto half = static_cast<uint16_t>(bits);
-    std::memcpy(arena + r.offset + 2 * i, &half, 2);
-  }
-}
-void put_value(unsigned char* arena, const Region& r, size_t i, float value) {
-  put_bits(arena, r, i, r.dtype == GMTK_FLOAT32 ? bits_of(value) : narrow_to_16(value, format_of(r.dtype)));
-}
-int64_t int64_at(const unsigned char* arena, const Region& r, size_t i) {
-  int64_t value;
-  std::memcpy(&value, arena + r.offset + 8 * i, 8);
-  return value;
-}
+// bits_at, put_value, int64_at, ...: gpu_test_support.h.
 uint32_t word_at(const unsigned char* arena, const Region& r, uint64_t w) {
   uint32_t word;
   std::memcpy(&word, arena + r.offset + 4 * w, 4);
@@ -418,42 +381,7 @@ std::string call_text(const Call& call) {
   return text;
 }
 
-// The bytes a backend reads: device memory for CUDA, host memory for the CPU
-// reference; both 256-byte aligned.
-class BackendMemory {
- public:
-  BackendMemory(gmtkBackend_t backend, size_t bytes) : cuda_(backend == GMTK_BACKEND_CUDA) {
-    if (cuda_) {
-      device_ = std::make_unique<DeviceMemory>(bytes);
-    } else {
-      host_ = std::make_unique<HostArena>(bytes);
-    }
-  }
-  unsigned char* data() const { return cuda_ ? device_->bytes() : host_->data(); }
-  void write(const void* source, size_t bytes, cudaStream_t stream) {
-    if (bytes == 0) return;
-    if (cuda_) {
-      GPU_CUDA_OK(cudaMemcpyAsync(data(), source, bytes, cudaMemcpyHostToDevice, stream));
-      GPU_CUDA_OK(cudaStreamSynchronize(stream));
-    } else {
-      std::memcpy(data(), source, bytes);
-    }
-  }
-  void read(void* destination, size_t bytes, cudaStream_t stream) {
-    if (bytes == 0) return;
-    if (cuda_) {
-      GPU_CUDA_OK(cudaMemcpyAsync(destination, data(), bytes, cudaMemcpyDeviceToHost, stream));
-      GPU_CUDA_OK(cudaStreamSynchronize(stream));
-    } else {
-      std::memcpy(destination, data(), bytes);
-    }
-  }
-
- private:
-  bool cuda_;
-  std::unique_ptr<DeviceMemory> device_;
-  std::unique_ptr<HostArena> host_;
-};
+// BackendMemory: gpu_test_support.h.
 
 // One backend's plan over its own copy of the arena, with a caller's
 // workspace that holds garbage before every call.
@@ -509,11 +437,12 @@ class Side {
 
   void upload(const std::vector<unsigned char>& bytes) {
     REQUIRE(bytes.size() == s_.arena_bytes);
-    memory_.write(bytes.data(), bytes.size(), stream_);
+    memory_.write(0, bytes.data(), bytes.size(), stream_);
+    memory_.wait(stream_);
   }
   std::vector<unsigned char> download() {
     std::vector<unsigned char> bytes(s_.arena_bytes);
-    memory_.read(bytes.data(), bytes.size(), stream_);
+    memory_.read(0, bytes.data(), bytes.size(), stream_);
     return bytes;
   }
   // The workspace's contents need not survive between calls (docs/api.md).
@@ -522,7 +451,8 @@ class Side {
     std::vector<unsigned char> garbage(workspace_bytes_);
     std::mt19937_64 rng(seed);
     for (unsigned char& byte : garbage) byte = static_cast<unsigned char>(rng());
-    workspace_->write(garbage.data(), garbage.size(), stream_);
+    workspace_->write(0, garbage.data(), garbage.size(), stream_);
+    workspace_->wait(stream_);
   }
 
   gmtkStatus_t call(const Call& c) {

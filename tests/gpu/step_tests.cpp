@@ -78,21 +78,9 @@ constexpr size_t kGuardBytes = 16;  // at least this much padding after each buf
 
 // ---- Floats, ulps and 16-bit rounding ------------------------------------------------
 
-// The float's position on the number line: consecutive floats differ by 1,
-// -0 and +0 are both 0.
-int64_t ordered(float value) {
-  const uint32_t bits = bits_of(value);
-  return (bits & 0x80000000u) != 0 ? -static_cast<int64_t>(bits & 0x7FFFFFFFu) : static_cast<int64_t>(bits);
-}
 float from_ordered(int64_t position) {
   return position < 0 ? float_from_bits(0x80000000u | static_cast<uint32_t>(-position))
                       : float_from_bits(static_cast<uint32_t>(position));
-}
-// Ulps between two floats; NaN equals NaN and is infinitely far from a number.
-uint64_t ulp_distance(float a, float b) {
-  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b) ? 0 : std::numeric_limits<uint64_t>::max();
-  const int64_t difference = ordered(a) - ordered(b);
-  return static_cast<uint64_t>(difference < 0 ? -difference : difference);
 }
 
 bool is_nan_16(uint16_t bits, const Format16& format) { return (bits & 0x7FFFu) > format.infinity; }
@@ -111,11 +99,6 @@ bool rounds_from_nearby(float exact, uint16_t got, const Format16& format) {
   return false;
 }
 
-std::string value_text(gmtkDtype_t dtype, uint32_t bits) {
-  std::ostringstream out;
-  out << std::setprecision(9) << value_of_bits(dtype, bits) << " (" << hex_text(bits) << ")";
-  return out.str();
-}
 
 // ---- Buffers of a case ------------------------------------------------------------------
 
@@ -289,32 +272,7 @@ const Region* find_region(const Case& c, Role role, int64_t owner) {
 
 // ---- Reading and writing entries in an arena --------------------------------------------
 
-uint32_t bits_at(const unsigned char* arena, const Region& r, size_t i) {
-  return raw_bits_at(r.dtype, arena + r.offset, i);
-}
-float value_at(const unsigned char* arena, const Region& r, size_t i) {
-  return value_of_bits(r.dtype, bits_at(arena, r, i));
-}
-void put_bits(unsigned char* arena, const Region& r, size_t i, uint32_t bits) {
-  if (r.width == 4) {
-    std::memcpy(arena + r.offset + 4 * i, &bits, 4);
-  } else {
-    const auto half = static_cast<uint16_t>(bits);
-    std::memcpy(arena + r.offset + 2 * i, &half, 2);
-  }
-}
-// Stores a float in the region's format (16-bit: rounded to nearest-even).
-void put_value(unsigned char* arena, const Region& r, size_t i, float value) {
-  put_bits(arena, r, i, r.dtype == GMTK_FLOAT32 ? bits_of(value) : narrow_to_16(value, format_of(r.dtype)));
-}
-int64_t int64_at(const unsigned char* arena, const Region& r, size_t i) {
-  int64_t value;
-  std::memcpy(&value, arena + r.offset + 8 * i, 8);
-  return value;
-}
-void put_int64(unsigned char* arena, const Region& r, size_t i, int64_t value) {
-  std::memcpy(arena + r.offset + 8 * i, &value, 8);
-}
+// bits_at, put_value, int64_at, ...: gpu_test_support.h.
 
 // Gradients of every tensor from its spec's content and scale.
 void write_gradients(const Case& c, unsigned char* arena, uint64_t seed) {
@@ -730,42 +688,7 @@ Verdict compare_step(const Case& c, const unsigned char* before, const unsigned 
 
 // ---- One backend's plan over its own copy of the arena ---------------------------------------
 
-// The bytes a backend reads: device memory for CUDA, host memory for the CPU
-// reference; both 256-byte aligned.
-class BackendMemory {
- public:
-  BackendMemory(gmtkBackend_t backend, size_t bytes) : cuda_(backend == GMTK_BACKEND_CUDA) {
-    if (cuda_) {
-      device_ = std::make_unique<DeviceMemory>(bytes);
-    } else {
-      host_ = std::make_unique<HostArena>(bytes);
-    }
-  }
-  unsigned char* data() const { return cuda_ ? device_->bytes() : host_->data(); }
-  // On CUDA: queued on the stream; the caller synchronizes before reusing `source`.
-  void write(size_t offset, const void* source, size_t bytes, cudaStream_t stream) {
-    if (bytes == 0) return;
-    if (cuda_) {
-      GPU_CUDA_OK(cudaMemcpyAsync(data() + offset, source, bytes, cudaMemcpyHostToDevice, stream));
-    } else {
-      std::memcpy(data() + offset, source, bytes);
-    }
-  }
-  void read(size_t offset, void* destination, size_t bytes, cudaStream_t stream) {
-    if (bytes == 0) return;
-    if (cuda_) {
-      GPU_CUDA_OK(cudaMemcpyAsync(destination, data() + offset, bytes, cudaMemcpyDeviceToHost, stream));
-      GPU_CUDA_OK(cudaStreamSynchronize(stream));
-    } else {
-      std::memcpy(destination, data() + offset, bytes);
-    }
-  }
-
- private:
-  bool cuda_;
-  std::unique_ptr<DeviceMemory> device_;
-  std::unique_ptr<HostArena> host_;
-};
+// BackendMemory: gpu_test_support.h.
 
 // One backend's plan over its own copy of the case's arena. The reference
 // side always writes every output; the side under test only those the case
