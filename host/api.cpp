@@ -56,6 +56,10 @@ gmtkStatus_t check_call(gmtkPlan& plan, Operation operation, const gmtkStepArgs_
 gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepArgs_t* args, void* workspace,
                            size_t workspace_bytes, gmtkStream_t stream) {
   GMTK_REQUIRE(plan != nullptr, "plan is NULL");
+  if (plan->unusable.load(std::memory_order_acquire)) {
+    return fail(GMTK_ERROR_CUDA, "this plan is unusable since an earlier call met a sticky CUDA error: %s",
+                plan->unusable_reason.c_str());
+  }
   Call call{};
   // Guarded here too: a sharded call must reach the agreement below whatever happened.
   gmtkStatus_t status =
@@ -75,7 +79,12 @@ gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepAr
                            mask_inputs, status);
   }
   if (status != GMTK_SUCCESS) return status;
-  return plan->backend->run(*plan, call);
+  status = plan->backend->run(*plan, call);
+  if (status == GMTK_ERROR_CUDA && plan->backend->context_lost() && !plan->unusable.load()) {
+    plan->unusable_reason = last_error_message();
+    plan->unusable.store(true, std::memory_order_release);
+  }
+  return status;
 }
 
 // What gmtkPlanCreate checks and builds on this rank.
@@ -300,6 +309,13 @@ gmtkStatus_t gmtkPlanGetWorkspaceSize(gmtkPlan_t plan, size_t* workspace_bytes) 
     *workspace_bytes = bytes;
     return GMTK_SUCCESS;
   });
+}
+
+gmtkStatus_t gmtkPlanGetState(gmtkPlan_t plan, gmtkStatus_t* state) {
+  GMTK_REQUIRE(plan != nullptr, "plan is NULL");
+  GMTK_REQUIRE(state != nullptr, "state is NULL");
+  *state = plan->unusable.load(std::memory_order_acquire) ? GMTK_ERROR_CUDA : GMTK_SUCCESS;
+  return GMTK_SUCCESS;
 }
 
 gmtkStatus_t gmtkPlanGetMaskLayout(gmtkPlan_t plan, uint64_t* total_words, uint64_t* word_offsets) {

@@ -73,6 +73,9 @@ class Backend {
   virtual gmtkStatus_t allocate_workspace(size_t bytes, void** workspace) = 0;
   virtual void free_workspace(void* workspace) = 0;
   virtual gmtkStatus_t run(const Plan& plan, const Call& call) = 0;
+  // After a call failed: whether the failure left the device unusable (a
+  // sticky CUDA error). The CPU reference backend never is.
+  virtual bool context_lost() const { return false; }
 };
 
 gmtkStatus_t make_cpu_reference_backend(std::shared_ptr<Backend>* backend);

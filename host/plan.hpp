@@ -4,8 +4,10 @@
 
 #include "backend.hpp"
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace gmtk {
@@ -43,6 +45,10 @@ struct Plan {
   std::vector<void*> replica_grads;
   std::vector<uint64_t> replica_numels;
   std::vector<gmtkDtype_t> replica_dtypes;
+  // Set once a call met a sticky CUDA error (gmtkPlanGetState): the reason
+  // is written before the flag is raised, and read only after it is seen.
+  std::atomic<bool> unusable{false};
+  std::string unusable_reason;
 
   ~Plan();
 };

@@ -261,6 +261,15 @@ GMTK_API gmtkStatus_t gmtkPlanGetWorkspaceSize(gmtkPlan_t plan, size_t* workspac
  * offsets. A shard's bits are its own entries'. */
 GMTK_API gmtkStatus_t gmtkPlanGetMaskLayout(gmtkPlan_t plan, uint64_t* total_words, uint64_t* word_offsets);
 
+/* Added in 0.2.0: whether the plan can take more calls (docs/errors.md).
+ * *state is GMTK_SUCCESS, or GMTK_ERROR_CUDA once a call of the plan met a
+ * sticky CUDA error (the context is lost: illegal address, device assert,
+ * ...); every later call on the plan then refuses with that status and the
+ * first failure's message, and the plan should be destroyed. A failed call
+ * that was not sticky (a refused argument, a launch error that cleared)
+ * leaves the plan usable. */
+GMTK_API gmtkStatus_t gmtkPlanGetState(gmtkPlan_t plan, gmtkStatus_t* state);
+
 /* Changes a group's schedule between steps without rebuilding the plan:
  * lr, lr_device, weight_decay, maximize, betas, eps, momentum, dampening,
  * nesterov and mask_ratio may change; optimizer, amsgrad, scope and mask_mode

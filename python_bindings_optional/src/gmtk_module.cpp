@@ -371,6 +371,13 @@ class Plan {
     return words;
   }
 
+  // gmtkPlanGetState: false once a call met a sticky CUDA error.
+  bool usable() const {
+    gmtkStatus_t state = GMTK_SUCCESS;
+    check(gmtkPlanGetState(live()->plan_, &state));
+    return state == GMTK_SUCCESS;
+  }
+
   std::vector<uint64_t> mask_word_offsets() const {
     std::vector<uint64_t> offsets(tensors_.size());
     uint64_t words = 0;
@@ -706,6 +713,8 @@ NB_MODULE(_gmtk, m) {
       .def_prop_ro("num_tensors", &Plan::num_tensors)
       .def_prop_ro("mask_words", &Plan::mask_words, "32-bit words of a mask bitmap (gmtkPlanGetMaskLayout).")
       .def_prop_ro("mask_word_offsets", &Plan::mask_word_offsets, "Each tensor's first word in a mask bitmap.")
+      .def_prop_ro("usable", &Plan::usable,
+                   "False once a call met a sticky CUDA error (gmtkPlanGetState): destroy the plan.")
       .def("set_group_hyperparams", &Plan::set_group_hyperparams, nb::arg("group"), nb::arg("config"))
       .def("close", &Plan::close, "Destroys the plan now and releases the arrays it holds.")
       .def("__enter__", [](Plan& p) -> Plan& { return p; }, nb::rv_policy::reference)

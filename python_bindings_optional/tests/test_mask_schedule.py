@@ -22,6 +22,7 @@ def test_thresholds_and_bitmap_given_back_reproduce_the_selection():
     group = gmtk.GroupConfig(mask_ratio=0.7)
     models = [make_model(1) for _ in range(3)]
     plans = [gmtk.Plan(handle, [group], tensors) for _, tensors in models]
+    assert plans[0].usable  # gmtkPlanGetState: no sticky CUDA error on a CPU plan
     assert plans[0].mask_words == 4 + 1 + 2
     assert plans[0].mask_word_offsets == [0, 4, 5]
 

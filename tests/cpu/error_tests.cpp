@@ -147,7 +147,12 @@ TEST_CASE("GMTK_ERROR_INVALID_ARGUMENT: each kind of bad argument, named, nothin
   bad_ratio.mask_ratio = 1.5;
   CHECK_REFUSAL(w, gmtkPlanSetGroupHyperparams(plan, 0, &bad_ratio), GMTK_ERROR_INVALID_ARGUMENT, "mask_ratio");
 
-  // The refusals left the plan as it was: the next step runs.
+  // The refusals left the plan as it was and usable: the next step runs.
+  gmtkStatus_t state = GMTK_ERROR_INTERNAL;
+  CHECK(gmtkPlanGetState(plan, &state) == GMTK_SUCCESS);
+  CHECK(state == GMTK_SUCCESS);
+  CHECK(gmtkPlanGetState(plan, nullptr) == GMTK_ERROR_INVALID_ARGUMENT);
+  CHECK(gmtkPlanGetState(nullptr, &state) == GMTK_ERROR_INVALID_ARGUMENT);
   const gmtkStepArgs_t good = w.args();
   CHECK(gmtkStep(plan, &good, nullptr, 0, nullptr) == GMTK_SUCCESS);
 }

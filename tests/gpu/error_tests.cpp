@@ -78,6 +78,10 @@ TEST_CASE("a CUDA error pending from the caller's work: every call refuses, writ
     CHECK(cudaGetLastError() == cudaSuccess);
   }
   CHECK(device_bytes() == before);
+  // Refused, not failed: the plan stays usable (gmtkPlanGetState).
+  gmtkStatus_t state = GMTK_ERROR_INTERNAL;
+  GPU_GMTK_OK(gmtkPlanGetState(plan, &state));
+  CHECK(state == GMTK_SUCCESS);
   // Once the caller has taken its error, the plan runs as usual.
   GPU_GMTK_OK(gmtkStep(plan, &args, nullptr, 0, nullptr));
   CHECK(device_bytes() != before);
