@@ -3,6 +3,7 @@
 #include <gmtk/gmtk.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <exception>
 #include <memory>
 #include <new>
@@ -58,7 +59,7 @@ gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepAr
   GMTK_REQUIRE(plan != nullptr, "plan is NULL");
   if (plan->unusable.load(std::memory_order_acquire)) {
     return fail(GMTK_ERROR_CUDA, "this plan is unusable since an earlier call met a sticky CUDA error: %s",
-                plan->unusable_reason.c_str());
+                plan->unusable_reason);
   }
   Call call{};
   // Guarded here too: a sharded call must reach the agreement below whatever happened.
@@ -78,10 +79,11 @@ gmtkStatus_t run_operation(gmtkPlan* plan, Operation operation, const gmtkStepAr
     status = agree_on_call(*plan, operation, valid ? call.args.gradient_reduction : GMTK_GRADIENTS_AS_GIVEN,
                            mask_inputs, status);
   }
-  if (status != GMTK_SUCCESS) return status;
-  status = plan->backend->run(*plan, call);
+  if (status == GMTK_SUCCESS) status = plan->backend->run(*plan, call);
+  // A sticky CUDA error (met by this call, or found pending by its checks:
+  // the context is lost either way) leaves the plan unusable.
   if (status == GMTK_ERROR_CUDA && plan->backend->context_lost() && !plan->unusable.load()) {
-    plan->unusable_reason = last_error_message();
+    std::snprintf(plan->unusable_reason, sizeof(plan->unusable_reason), "%s", last_error_message());
     plan->unusable.store(true, std::memory_order_release);
   }
   return status;

@@ -48,7 +48,7 @@ struct Plan {
   // Set once a call met a sticky CUDA error (gmtkPlanGetState): the reason
   // is written before the flag is raised, and read only after it is seen.
   std::atomic<bool> unusable{false};
-  std::string unusable_reason;
+  char unusable_reason[512] = {};  // fixed: recording it must not allocate
 
   ~Plan();
 };

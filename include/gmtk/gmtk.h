@@ -264,8 +264,9 @@ GMTK_API gmtkStatus_t gmtkPlanGetMaskLayout(gmtkPlan_t plan, uint64_t* total_wor
 /* Added in 0.2.0: whether the plan can take more calls (docs/errors.md).
  * *state is GMTK_SUCCESS, or GMTK_ERROR_CUDA once a call of the plan met a
  * sticky CUDA error (the context is lost: illegal address, device assert,
- * ...); every later call on the plan then refuses with that status and the
- * first failure's message, and the plan should be destroyed. A failed call
+ * ...); every later step, selection or mask call on the plan then refuses
+ * with that status and the first failure's message, and the plan should be
+ * destroyed. A failed call
  * that was not sticky (a refused argument, a launch error that cleared)
  * leaves the plan usable. */
 GMTK_API gmtkStatus_t gmtkPlanGetState(gmtkPlan_t plan, gmtkStatus_t* state);

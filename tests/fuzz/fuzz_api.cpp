@@ -6,9 +6,10 @@
 // up to four calls with fuzzed arguments and workspaces.
 //
 // Every pointer the harness hands the library lies inside one arena (or is
-// NULL): a library that takes raw pointers cannot tell a wild one, and
-// AddressSanitizer then reports any read or write past what a descriptor
-// names. What is checked:
+// NULL): a library that takes raw pointers cannot tell a wild one. The arena
+// is poisoned for AddressSanitizer except the ranges handed out, so a read
+// or write past what a descriptor names is reported even inside the arena.
+// What is checked:
 //   - no crash, no sanitizer report, no hang (sizes are small);
 //   - a refused call (any status but GMTK_SUCCESS) changed no byte the caller
 //     owns: the arena (buffers, outputs, workspace) is compared before and
@@ -24,7 +25,20 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
+
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#include <sanitizer/asan_interface.h>
+#define GMTK_FUZZ_POISON(pointer, bytes) __asan_poison_memory_region((pointer), (bytes))
+#define GMTK_FUZZ_UNPOISON(pointer, bytes) __asan_unpoison_memory_region((pointer), (bytes))
+#endif
+#endif
+#ifndef GMTK_FUZZ_POISON
+#define GMTK_FUZZ_POISON(pointer, bytes) ((void)(pointer), (void)(bytes))
+#define GMTK_FUZZ_UNPOISON(pointer, bytes) ((void)(pointer), (void)(bytes))
+#endif
 
 namespace {
 
@@ -61,7 +75,16 @@ constexpr size_t kArenaBytes = size_t{1} << 16;
 // Every buffer the library may read or write.
 struct Arena {
   std::vector<unsigned char> bytes = std::vector<unsigned char>(kArenaBytes + 256);
+  std::vector<std::pair<size_t, size_t>> handed;  // (offset, bytes) of every pointer given out for this input
   unsigned char* base() { return bytes.data() + (256 - reinterpret_cast<uintptr_t>(bytes.data()) % 256) % 256; }
+
+  // The harness's own reads and writes (filling, snapshots) see everything;
+  // between them only the handed-out ranges are addressable.
+  void open_all() { GMTK_FUZZ_UNPOISON(bytes.data(), bytes.size()); }
+  void seal() {
+    GMTK_FUZZ_POISON(bytes.data(), bytes.size());
+    for (const auto& range : handed) GMTK_FUZZ_UNPOISON(base() + range.first, range.second);
+  }
 
   // Values a gradient or a state buffer may hold: normal numbers mostly,
   // with zeros, subnormals, infs and NaNs among them.
@@ -81,12 +104,13 @@ struct Arena {
   // alignment); the same place twice now and then, so that buffers overlap.
   void* pointer(Choices& in, size_t bytes) {
     const uint8_t kind = in.byte();
-    if (kind < 16) return nullptr;
-    if (bytes >= kArenaBytes) return base();
+    if (kind < 16 || bytes > kArenaBytes) return nullptr;  // never a range past the arena
     size_t offset = in.u16() % (kArenaBytes - bytes + 1);
     if (kind < 200) offset &= ~size_t{255};  // mostly aligned, so that most descriptors get past validation
     if (kind >= 200 && kind < 230) offset = last_offset_ < kArenaBytes - bytes ? last_offset_ : 0;  // overlap
     last_offset_ = offset;
+    handed.emplace_back(offset, bytes);
+    GMTK_FUZZ_UNPOISON(base() + offset, bytes);
     return base() + offset;
   }
 
@@ -130,7 +154,9 @@ size_t struct_size(Choices& in, size_t today, size_t v0_1) {
 }
 
 void check_status(gmtkStatus_t status) {
-  if (static_cast<int>(status) < 0 || static_cast<int>(status) >= GMTK_NUM_STATUSES) finding("status out of range");
+  int raw;  // as an int: an out-of-range enum read as one would trip UBSan here, in the harness
+  std::memcpy(&raw, &status, sizeof(raw));
+  if (raw < 0 || raw >= GMTK_NUM_STATUSES) finding("status out of range");
   if (status != GMTK_SUCCESS && std::strlen(gmtkGetLastErrorMessage()) == 0) finding("a failure without a message");
   if (status == GMTK_ERROR_INTERNAL) finding("GMTK_ERROR_INTERNAL: a bug by definition (docs/errors.md)");
 }
@@ -239,7 +265,10 @@ gmtkHandle_t cpu_handle() {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Choices in(data, size);
   static Arena arena;  // one allocation for the whole run: the fuzzer runs millions of inputs
+  arena.open_all();
+  arena.handed.clear();
   arena.fill(in);
+  arena.seal();
 
   // 1 to 3 groups, or a count below 1 (refused before groups[] is read).
   const int num_groups = in.byte() < 240 ? 1 + static_cast<int>(in.below(3)) : -static_cast<int>(in.byte() % 3);
@@ -286,7 +315,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<unsigned char> before(kArenaBytes);
   const int calls = 1 + static_cast<int>(in.below(4));
   for (int c = 0; c < calls; ++c) {
+    arena.open_all();
     std::memcpy(before.data(), arena.base(), kArenaBytes);
+    arena.seal();
     const uint8_t what = in.byte();
     gmtkStatus_t status;
     if (what % 5 == 4) {  // a schedule change
@@ -306,9 +337,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                                : gmtkStep(plan, &args, workspace, bytes, nullptr);
     }
     check_status(status);
-    if (status != GMTK_SUCCESS && std::memcmp(before.data(), arena.base(), kArenaBytes) != 0) {
-      finding("a refused call changed the caller's memory");
-    }
+    arena.open_all();
+    const bool changed = std::memcmp(before.data(), arena.base(), kArenaBytes) != 0;
+    arena.seal();
+    if (status != GMTK_SUCCESS && changed) finding("a refused call changed the caller's memory");
   }
   gmtkPlanDestroy(plan);
   return 0;
