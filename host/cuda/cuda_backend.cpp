@@ -136,8 +136,9 @@ class CudaBackend final : public Backend {
   CudaBackend(int device, const kernels::SelectionOccupancy& occupancy) : device_(device), occupancy_(occupancy) {}
 
   gmtkBackend_t kind() const override { return GMTK_BACKEND_CUDA; }
-  // cuda_failure cleared what could be cleared: an error still there is sticky.
-  bool context_lost() const override { return cudaPeekAtLastError() != cudaSuccess; }
+  // Not a peek at the last error: a caller's pending error (refused, left in
+  // place) is still there, and need not be sticky.
+  bool context_lost() const override { return sticky_error_seen(); }
   int device() const override { return device_; }
 
   // Both ends of each range must be device (or managed) memory of this

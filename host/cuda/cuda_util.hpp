@@ -32,6 +32,13 @@ inline bool is_sticky(cudaError_t error) {
   }
 }
 
+// Whether this thread has seen a sticky CUDA error (in a call of gmtk's, or
+// pending from the caller's work). Only ever set: a sticky error is forever.
+inline bool& sticky_error_seen() {
+  thread_local bool seen = false;
+  return seen;
+}
+
 // A CUDA call of gmtk's that failed. Only the error the failed call left is
 // cleared (a caller's earlier error would have refused the call first:
 // refuse_pending_error). The message says whether the plan stays usable.
@@ -40,6 +47,7 @@ inline gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
   // whether or not the list above knows it.
   cudaGetLastError();
   const bool sticky = is_sticky(error) || cudaPeekAtLastError() != cudaSuccess;
+  if (sticky) sticky_error_seen() = true;
   if (error == cudaErrorMemoryAllocation) {
     return fail(GMTK_ERROR_OUT_OF_MEMORY, "%s failed: %s", what, cudaGetErrorString(error));
   }
@@ -55,6 +63,8 @@ inline gmtkStatus_t cuda_failure(const char* what, cudaError_t error) {
 inline gmtkStatus_t refuse_pending_error() {
   const cudaError_t pending = cudaPeekAtLastError();
   if (pending == cudaSuccess) return GMTK_SUCCESS;
+  // The caller's error stays: only the list can say whether it is sticky.
+  if (is_sticky(pending)) sticky_error_seen() = true;
   return fail(GMTK_ERROR_CUDA, "a CUDA error was pending on this thread before the call (left as it is): %s",
               cudaGetErrorString(pending));
 }
