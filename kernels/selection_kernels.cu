@@ -551,26 +551,23 @@ __global__ void __launch_bounds__(SelectionPolicy::kApplyThreads) apply_keep_rul
         ItemValues item{};
         item.count = static_cast<uint32_t>(entries.end - entries.begin);
         if (loads_grad) item = load_item(tensor.grad, tensor.dtype, entries);
-        const uint32_t given_bits = work.reads_keys() ? 0u : mask_bits_of(work.test.bits, entries.begin, item.count);
+        uint32_t keys[8] = {};
+#pragma unroll
+        for (uint32_t e = 0; e < 8; ++e) {
+          if (e >= item.count || !work.reads_keys()) break;  // constant indexes keep item.raw in registers
+          keys[e] = keys_apart ? magnitude_key(load_scalar(tensor.keys, tensor.key_dtype, entries.begin + e),
+                                               tensor.key_dtype)
+                               : magnitude_key(item.raw[e], tensor.dtype);
+        }
+        bits = item_kept_bits(work.test, entries.begin, item.count, keys);
+        kept += __popc(bits);
         bool changed = false;
 #pragma unroll
         for (uint32_t e = 0; e < 8; ++e) {
-          if (e >= item.count) break;  // constant indexes keep item.raw in registers
-          bool kept_entry = ((given_bits >> e) & 1u) != 0u;
-          if (work.reads_keys()) {
-            const uint32_t key = keys_apart
-                                     ? magnitude_key(load_scalar(tensor.keys, tensor.key_dtype, entries.begin + e),
-                                                     tensor.key_dtype)
-                                     : magnitude_key(item.raw[e], tensor.dtype);
-            kept_entry = is_kept(key, work.test.min_kept_key);
-          }
-          if (kept_entry) {
-            ++kept;
-            bits |= 1u << e;
-          } else if (work.zero_masked) {
-            item.raw[e] = 0u;  // +0 in every dtype
-            changed = true;
-          }
+          if (e >= item.count || !work.zero_masked) break;
+          if ((bits >> e) & 1u) continue;
+          item.raw[e] = 0u;  // +0 in every dtype
+          changed = true;
         }
         if (changed) store_item(tensor.grad, tensor.dtype, entries, item);
       }

@@ -456,8 +456,16 @@ GMTK_HD uint32_t mask_bits_of(const uint32_t* words, uint64_t first, uint32_t co
   return bits & ((1u << count) - 1u);
 }
 
-GMTK_HD bool keeps(const KeepTest& test, uint64_t entry, uint32_t key) {
-  return test.bits != nullptr ? mask_bits_of(test.bits, entry, 1) != 0u : is_kept(key, test.min_kept_key);
+// The kept bits of an item (bit e: entry first + e, count <= 8): from the
+// given bitmap, or each key against the threshold's (keys unread under a bitmap).
+GMTK_HD uint32_t item_kept_bits(const KeepTest& test, uint64_t first, uint32_t count, const uint32_t* keys) {
+  if (test.bits != nullptr) return mask_bits_of(test.bits, first, count);
+  uint32_t bits = 0;
+  for (uint32_t e = 0; e < 8; ++e) {
+    if (e >= count) break;  // constant indexes keep `keys` in registers
+    bits |= is_kept(keys[e], test.min_kept_key) ? 1u << e : 0u;
+  }
+  return bits;
 }
 
 // Where an item's kept bits (entries [first, first + count), count <= 8) go

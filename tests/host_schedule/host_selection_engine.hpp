@@ -362,21 +362,14 @@ class HostSelectionEngine {
       for (uint64_t i = 0; i < split.items(); ++i) {
         const Range entries = item_entries(split, i);
         const auto count = static_cast<uint32_t>(entries.end - entries.begin);
-        const uint32_t given_bits = work.reads_keys() ? 0u : mask_bits_of(work.test.bits, entries.begin, count);
-        uint32_t bits = 0;
-        for (uint32_t e = 0; e < count; ++e) {
-          const uint64_t entry = entries.begin + e;
-          bool kept_entry = ((given_bits >> e) & 1u) != 0u;
-          if (work.reads_keys()) {
-            kept_entry = is_kept(magnitude_key(load_raw(tensor.keys, tensor.key_dtype, entry), tensor.key_dtype),
-                                 work.test.min_kept_key);
-          }
-          if (kept_entry) {
-            ++kept;
-            bits |= 1u << e;
-          } else if (work.zero_masked) {
-            store_zero(tensor.grad, tensor.dtype, entry);
-          }
+        uint32_t keys[8] = {};
+        for (uint32_t e = 0; e < count && work.reads_keys(); ++e) {
+          keys[e] = magnitude_key(load_raw(tensor.keys, tensor.key_dtype, entries.begin + e), tensor.key_dtype);
+        }
+        const uint32_t bits = item_kept_bits(work.test, entries.begin, count, keys);
+        kept += static_cast<uint64_t>(count_bits(bits));
+        for (uint32_t e = 0; e < count && work.zero_masked; ++e) {
+          if (((bits >> e) & 1u) == 0u) store_zero(tensor.grad, tensor.dtype, entries.begin + e);
         }
         if (work.write_bits && bits != 0) {
           uint32_t* words = p.mask_bits + tensor.mask_word_offset;
