@@ -16,25 +16,14 @@
 #include <vector>
 
 #include "../host_schedule/host_selection_engine.hpp"
+#include "choices.hpp"
 
 namespace {
 
 using gmtk::kernels::EngineCall;
 using gmtk_test::HostSelectionEngine;
 
-class Choices {
- public:
-  Choices(const uint8_t* data, size_t size) : data_(data), size_(size) {}
-  uint8_t byte() { return position_ < size_ ? data_[position_++] : 0; }
-  uint16_t u16() { return static_cast<uint16_t>(byte() | (byte() << 8)); }
-  uint32_t u32() { return u16() | (static_cast<uint32_t>(u16()) << 16); }
-  size_t remaining() const { return size_ - position_; }
-
- private:
-  const uint8_t* data_;
-  size_t size_;
-  size_t position_ = 0;
-};
+using gmtk_fuzz::Choices;
 
 [[noreturn]] void finding(const char* what, size_t tensor, size_t index) {
   std::fprintf(stderr, "fuzz_differential finding: %s (tensor %zu, entry/word %zu)\n", what, tensor, index);
